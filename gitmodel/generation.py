@@ -1,0 +1,381 @@
+"""Batched caption generation for GIT: encode each image once, prefill once, then one query per step.
+
+Phases, as gpt-fast names them: `prefill` (image tokens, then the text prompt, into a preallocated
+KV cache), `decode_one_token`, and the search loops (`greedy_or_sample`, `beam_search`). Greedy and
+beam search follow transformers' algorithms step for step, so they choose the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from gitmodel.kv_cache import KVCache
+from gitmodel.modeling import text_attention_mask, text_positions
+
+if TYPE_CHECKING:
+    from gitmodel.modeling import GitForCausalLM
+
+# transformers' "minus infinity" for beam bookkeeping; the same constant keeps ties identical.
+_NEG = -1.0e9
+# With no length set anywhere, transformers generates 20 new tokens.
+_DEFAULT_NEW_TOKENS = 20
+
+
+@dataclass
+class GenerateOutput:
+    """Token ids laid out as transformers returns them (prompt first), and each sequence's mean token log-prob."""
+
+    sequences: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class _Prompt:
+    """The text prompt, one row per generated sequence, and the cache it was prefilled into."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    cache: KVCache
+    num_image_tokens: int
+    next_position: torch.Tensor  # text position of the next token, per row
+    padded: bool
+    first_logits: torch.Tensor  # next-token logits at the end of the prompt
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def cache_position(self, step: int) -> int:
+        return self.num_image_tokens + self.length + step
+
+
+@torch.inference_mode()
+def generate(
+    model: GitForCausalLM,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_return_sequences: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | Sequence[int] | torch.Tensor | None = None,
+    return_dict: bool = False,
+) -> torch.Tensor | GenerateOutput:
+    """Generate captions for `pixel_values` (B, 3, S, S) or videos (B, frames, 3, S, S).
+
+    `input_ids` is an optional prompt ([CLS] + question tokens, no [SEP], left-padded); without it each
+    row starts from [CLS]. Unset arguments come from `model.generation_config`, as in transformers.
+    Sampling draws from a counter-based generator keyed by `seed` (one int, or one per image), so a
+    row's sample depends on its own seed only — not on the batch it happens to share.
+    Returns token ids (B * num_return_sequences, prompt + generated), finished rows padded; with
+    `return_dict=True`, a `GenerateOutput` that also holds each sequence's mean token log-probability.
+    """
+    defaults = model.generation_config
+    num_beams = num_beams or defaults.num_beams
+    do_sample = defaults.do_sample if do_sample is None else do_sample
+    num_return_sequences = num_return_sequences or defaults.num_return_sequences
+    eos_ids = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
+    pad = defaults.pad_token_id if pad_token_id is None else pad_token_id
+
+    batch = pixel_values.shape[0]
+    device = model.device
+    if input_ids is None:
+        input_ids = torch.full((batch, 1), defaults.bos_token_id, dtype=torch.long, device=device)
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = (input_ids != pad).long() if (input_ids == pad).any() else torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    if input_ids.shape[0] != batch:
+        raise ValueError(f"{input_ids.shape[0]} prompts for {batch} images")
+    max_new_tokens = max_new_tokens or defaults.max_new_tokens
+    if max_new_tokens is None:
+        max_length = max_length or defaults.max_length
+        max_new_tokens = max_length - input_ids.shape[1] if max_length else _DEFAULT_NEW_TOKENS
+        if max_new_tokens < 1:
+            raise ValueError(f"the prompt is already max_length ({max_length}) long; pass max_new_tokens")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; choose one")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams ({num_beams})")
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError("greedy search returns one sequence per image: use sampling or beam search for more")
+
+    rows_per_image = num_beams if num_beams > 1 else num_return_sequences
+    prompt = prefill(model, pixel_values.to(device), input_ids, attention_mask, rows_per_image, max_new_tokens)
+
+    if num_beams > 1:
+        sequences, scores = beam_search(
+            model, prompt, batch, num_beams, max_new_tokens, eos_ids, pad,
+            length_penalty=defaults.length_penalty if length_penalty is None else length_penalty,
+            early_stopping=defaults.early_stopping if early_stopping is None else early_stopping,
+            num_return_sequences=num_return_sequences,
+        )
+    else:
+        sampler = None
+        if do_sample:
+            sampler = _Sampler(
+                _row_seeds(seed, batch, rows_per_image, device),
+                defaults.temperature if temperature is None else temperature,
+                defaults.top_k if top_k is None else top_k,
+                defaults.top_p if top_p is None else top_p,
+            )
+        sequences, scores = greedy_or_sample(model, prompt, max_new_tokens, eos_ids, pad, sampler)
+    return GenerateOutput(sequences, scores) if return_dict else sequences
+
+
+def prefill(
+    model: GitForCausalLM,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows_per_image: int,
+    max_new_tokens: int,
+) -> _Prompt:
+    """Encode the images once, run the decoder over their tokens once, then over the prompt of every row."""
+    git = model.git
+    config = model.config
+    image = git.encode_image(pixel_values.to(model.dtype))
+    rows = input_ids.shape[0] * rows_per_image
+    cache = KVCache(
+        config.num_hidden_layers, rows, config.num_attention_heads,
+        image.shape[1] + input_ids.shape[1] + max_new_tokens, config.hidden_size // config.num_attention_heads,
+        dtype=image.dtype, device=image.device,
+    )
+    # Image tokens never attend to text, so their keys and values do not depend on the prompt and
+    # are computed without any mask, once per image rather than once per beam or sample.
+    git.encoder(image, None, cache, start=0)
+
+    ids = input_ids.repeat_interleave(rows_per_image, dim=0)
+    mask = attention_mask.repeat_interleave(rows_per_image, dim=0)
+    padded = bool((mask == 0).any())
+    text = git.embeddings(ids, text_positions(mask))
+    hidden = git.encoder(text, text_attention_mask(image.shape[1], mask), cache, start=image.shape[1])
+    return _Prompt(ids, mask, cache, image.shape[1], mask.sum(-1), padded, model.output(hidden[:, -1]))
+
+
+def decode_one_token(
+    model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int, text_mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits for the next token of every row, given this step's tokens (rows,)."""
+    git = model.git
+    x = git.embeddings(tokens[:, None], positions[:, None])
+    mask = None
+    if prompt.padded:
+        # Only left-padded prompts need a mask: a single query may otherwise see every cached key.
+        mask = text_attention_mask(prompt.num_image_tokens, text_mask, past_text=text_mask.shape[1] - 1, new_text=1)
+    hidden = git.encoder(x, mask, prompt.cache, start=prompt.cache_position(step))
+    return model.output(hidden[:, -1])
+
+
+def greedy_or_sample(
+    model: GitForCausalLM,
+    prompt: _Prompt,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad: int,
+    sampler: _Sampler | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = prompt.ids.shape[0]
+    device = prompt.ids.device
+    generated = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprob_sum = torch.zeros(rows, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+
+    active = torch.arange(rows, device=device)  # which original row each cache row holds
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    text_mask = prompt.mask
+    positions = prompt.next_position
+    logits = prompt.first_logits
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = sampler.choose(logits, active, step) if sampler else logits.argmax(dim=-1)
+        tokens = torch.where(running, tokens, pad)
+        generated[active, step] = tokens
+        logprob_sum[active] += torch.where(running, logprobs.gather(1, tokens[:, None])[:, 0], 0.0)
+        lengths[active] += running
+        running = running & ~torch.isin(tokens, eos)
+        steps = step + 1
+        still_running = int(running.sum())  # the one host sync per step
+        if still_running == 0 or steps == max_new_tokens:
+            break
+        if still_running <= len(active) // 2:
+            # Finished rows stop costing work: drop them from the batch and the cache.
+            keep = running.nonzero()[:, 0]
+            prompt.cache.select_rows(keep)
+            active, running, tokens = active[keep], running[keep], tokens[keep]
+            text_mask, positions = text_mask[keep], positions[keep]
+        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
+        logits = decode_one_token(model, prompt, tokens, positions, step, text_mask)
+        positions = positions + 1
+    sequences = torch.cat([prompt.ids, generated[:, :steps]], dim=1)
+    return sequences, logprob_sum / lengths.clamp(min=1)
+
+
+def beam_search(
+    model: GitForCausalLM,
+    prompt: _Prompt,
+    batch: int,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad: int,
+    *,
+    length_penalty: float,
+    early_stopping: bool | str,
+    num_return_sequences: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' vectorised beam search (generation/utils.py `_beam_search`), step for step."""
+    device = prompt.ids.device
+    vocab = model.config.vocab_size
+    eos = torch.tensor(eos_ids, device=device)
+    keep_k = max(2, 1 + len(eos_ids)) * num_beams
+    top_num_beams = torch.arange(keep_k, device=device) < num_beams
+    # transformers fills unused positions with `pad or eos`: with pad id 0 that is eos.
+    fill = pad or eos_ids[0]
+
+    running_seqs = torch.full((batch, num_beams, max_new_tokens), fill, dtype=torch.long, device=device)
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    running_scores[:, 1:] = _NEG
+    seqs = running_seqs.clone()
+    seq_lengths = torch.zeros(batch, num_beams, dtype=torch.long, device=device)
+    beam_scores = torch.full((batch, num_beams), _NEG, device=device)
+    finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    row_base = torch.arange(batch, device=device)[:, None] * num_beams
+
+    text_mask = prompt.mask
+    positions = prompt.next_position
+    logits = prompt.first_logits
+    for step in range(max_new_tokens):
+        logprobs = torch.log_softmax(logits.float(), dim=-1).view(batch, num_beams, vocab)
+        candidates = (logprobs + running_scores[:, :, None]).view(batch, -1)
+        topk_scores, topk_index = torch.topk(candidates, k=keep_k)
+        source_beam = topk_index // vocab
+        topk_tokens = topk_index % vocab
+        topk_seqs = running_seqs.gather(1, source_beam[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+        topk_seqs[:, :, step] = topk_tokens
+        generated_len = step + 1
+        hits = torch.isin(topk_tokens, eos) | (generated_len >= max_new_tokens)
+
+        # Beams that go on: the best num_beams candidates that did not just stop.
+        running_candidates = topk_scores + hits.float() * _NEG
+        next_index = torch.topk(running_candidates, k=num_beams)[1]
+        running_seqs = topk_seqs.gather(1, next_index[:, :, None].expand(-1, -1, max_new_tokens))
+        running_scores = running_candidates.gather(1, next_index)
+        running_source = source_beam.gather(1, next_index)
+
+        # Beams that finished now compete with earlier finished ones, length-normalised.
+        just_finished = hits & top_num_beams[None, :]
+        finished_scores = topk_scores / (generated_len**length_penalty)
+        batch_full = finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+        finished_scores = finished_scores + batch_full.float() * _NEG + (~improvable).float() * _NEG
+        finished_scores = finished_scores + (~just_finished).float() * _NEG
+        merged_scores = torch.cat([beam_scores, finished_scores], dim=1)
+        best = torch.topk(merged_scores, k=num_beams)[1]
+        seqs = torch.cat([seqs, topk_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_new_tokens))
+        beam_scores = merged_scores.gather(1, best)
+        finished = torch.cat([finished, just_finished], dim=1).gather(1, best)
+        seq_lengths = torch.cat([seq_lengths, torch.full_like(topk_tokens, generated_len)], dim=1).gather(1, best)
+
+        best_length = max_new_tokens if (early_stopping == "never" and length_penalty > 0.0) else generated_len
+        best_possible = running_scores[:, :1] / (best_length**length_penalty)
+        worst_finished = torch.where(finished, beam_scores.min(dim=1, keepdim=True)[0], _NEG)
+        improvable = improvable & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        go_on = improvable.any() & ~(finished.all() & (early_stopping is True)) & ~hits.all()
+        if not bool(go_on):
+            break
+
+        # Each running beam continues from its source beam's cached text (image keys are shared).
+        rows = (row_base + running_source).view(-1)
+        prompt.cache.select_rows(rows, start=prompt.num_image_tokens, end=prompt.cache_position(step))
+        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
+        logits = decode_one_token(model, prompt, running_seqs[:, :, step].reshape(-1), positions, step, text_mask)
+        positions = positions + 1
+
+    seqs = seqs[:, :num_return_sequences]
+    lengths = seq_lengths[:, :num_return_sequences].reshape(-1)
+    # Mean token log-prob: undo the length penalty on the summed log-probs.
+    mean_logprob = beam_scores[:, :num_return_sequences].reshape(-1) * lengths.float() ** length_penalty / lengths.clamp(min=1)
+    prompt_ids = prompt.ids.view(batch, num_beams, -1)[:, :num_return_sequences].reshape(batch * num_return_sequences, -1)
+    generated = seqs.reshape(batch * num_return_sequences, -1)[:, : int(lengths.max())]
+    return torch.cat([prompt_ids, generated], dim=1), mean_logprob
+
+
+class _Sampler:
+    """Temperature / top-k / top-p sampling with the Gumbel-max trick over counter-based noise.
+
+    The noise for (row seed, step, token) comes from an integer hash, so a row's tokens depend on its
+    own seed alone: a resumed job, or the same image in another batch, samples the same caption.
+    """
+
+    def __init__(self, seeds: torch.Tensor, temperature: float, top_k: int, top_p: float):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.seeds = seeds
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+
+    def choose(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        scores = logits / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1)[0][:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cumulative <= 1 - self.top_p
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        return (scores + _gumbel_noise(self.seeds[rows], step, scores.shape[-1])).argmax(dim=-1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiplication), a fast high-quality hash."""
+    x = x ^ (x >> 30) & 0x3FFFFFFFF
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+    x = x ^ (x >> 27) & 0x1FFFFFFFFF
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ (x >> 31) & 0x1FFFFFFFF
+
+
+def _gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    tokens = torch.arange(vocab, device=seeds.device)
+    x = _mix(seeds[:, None] * 1_000_003 + step) * 0x9E3779B9 + tokens[None, :]
+    u = ((_mix(x) >> 40) & 0xFFFFFF).float().add_(0.5).div_(1 << 24)  # uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def _row_seeds(seed, batch: int, rows_per_image: int, device) -> torch.Tensor:
+    """One seed per generated row: per-image seeds (or one seed for the batch) mixed with the row's sample index."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    image_seeds = torch.as_tensor(seed, dtype=torch.long, device=device)
+    if image_seeds.ndim == 0:
+        image_seeds = _mix(image_seeds + torch.arange(batch, device=device))
+    if image_seeds.shape != (batch,):
+        raise ValueError(f"seed must be one int or one per image ({batch}), got shape {tuple(image_seeds.shape)}")
+    sample = torch.arange(rows_per_image, device=device)
+    return _mix(image_seeds[:, None] * 31 + sample[None, :]).reshape(-1)
+
+
+def _as_list(ids: int | Sequence[int]) -> list[int]:
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
