@@ -9,7 +9,6 @@ import os
 import socket
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -444,30 +443,18 @@ def test_image_deleted_after_listing_is_a_missing_file_record(photo_dir):
 # --- S3 (a real S3 server on 127.0.0.1) ---------------------------------------------------------
 
 
-@pytest.fixture
-def bucket(s3_server) -> str:
-    """A fresh bucket. Made here rather than with conftest's `s3_bucket`: that sends
-    LocationConstraint=us-east-1, which moto (like AWS) rejects with InvalidLocationConstraint."""
-    import s3fs
-
-    name = f"sources-{uuid.uuid4().hex[:12]}"
-    key, secret = s3_server.storage_options["key"], s3_server.storage_options["secret"]
-    plain = {"endpoint_url": s3_server.endpoint}  # no region: us-east-1 takes no location constraint
-    s3fs.S3FileSystem(key=key, secret=secret, client_kwargs=plain, skip_instance_cache=True).mkdir(name)
-    return name
-
-
-def test_s3_webdataset_listed_by_brace_range_glob_and_list_file_then_read(s3_server, bucket):
+def test_s3_webdataset_listed_by_brace_range_glob_and_list_file_then_read(s3_server, s3_bucket):
     fs = s3_server.filesystem()
     for i in range(3):
-        fs.pipe(f"{bucket}/wds/{i:05d}.tar", tar_bytes(sample_members(f"{i}0")))
-    fs.pipe(f"{bucket}/wds/00000_stats.json", b"{}")
-    fs.pipe(f"{bucket}/lists/train.txt", b"../wds/00002.tar\ns3://%s/wds/00000.tar\n" % bucket.encode())
+        fs.pipe(f"{s3_bucket}/wds/{i:05d}.tar", tar_bytes(sample_members(f"{i}0")))
+    fs.pipe(f"{s3_bucket}/wds/00000_stats.json", b"{}")
+    listing = f"../wds/00002.tar\ns3://{s3_bucket}/wds/00000.tar\n"
+    fs.pipe(f"{s3_bucket}/lists/train.txt", listing.encode())
     options = s3_server.storage_options
-    expected = [f"s3://{bucket}/wds/{i:05d}.tar" for i in range(3)]
+    expected = [f"s3://{s3_bucket}/wds/{i:05d}.tar" for i in range(3)]
 
     def listed(path: str) -> list[str]:
-        return uris(list_shards(f"s3://{bucket}/{path}", "webdataset", options))
+        return uris(list_shards(f"s3://{s3_bucket}/{path}", "webdataset", options))
 
     assert listed("wds/{00000..00002}.tar") == expected
     assert listed("wds/*.tar") == expected
@@ -479,35 +466,35 @@ def test_s3_webdataset_listed_by_brace_range_glob_and_list_file_then_read(s3_ser
     assert record.metadata["txt"] == "a cat"
 
 
-def test_s3_parquet_and_images(s3_server, bucket):
+def test_s3_parquet_and_images(s3_server, s3_bucket):
     fs = s3_server.filesystem()
     table = hf_image_table(4, with_id=True)
-    fs.pipe(f"{bucket}/pq/part-0.parquet", parquet_bytes(table, row_group_size=3))
+    fs.pipe(f"{s3_bucket}/pq/part-0.parquet", parquet_bytes(table, row_group_size=3))
     for name in ["x.jpg", "sub/y.png"]:
-        fs.pipe(f"{bucket}/img/{name}", JPEG + name.encode())
+        fs.pipe(f"{s3_bucket}/img/{name}", JPEG + name.encode())
     options = s3_server.storage_options
 
-    (shard,) = list_shards(f"s3://{bucket}/pq", "parquet", options)
+    (shard,) = list_shards(f"s3://{s3_bucket}/pq", "parquet", options)
     records = read_all(shard, storage_options=options)
     assert [r.key for r in records] == ["id-0", "id-1", "id-2", "id-3"]
     assert records[3].data == JPEG + b"3"
 
-    (shard,) = list_shards(f"s3://{bucket}/img/", "images", options)
-    assert shard.uri == f"s3://{bucket}/img#00000"
+    (shard,) = list_shards(f"s3://{s3_bucket}/img/", "images", options)
+    assert shard.uri == f"s3://{s3_bucket}/img#00000"
     assert [(r.key, r.data) for r in read_all(shard, storage_options=options)] == [
         ("sub/y.png", JPEG + b"sub/y.png"),
         ("x.jpg", JPEG + b"x.jpg"),
     ]
 
 
-def test_s3_endpoint_and_credentials_from_the_standard_aws_environment(s3_server, bucket, monkeypatch):
+def test_s3_endpoint_from_the_standard_aws_environment(s3_server, s3_bucket, monkeypatch):
     import s3fs
 
-    s3_server.filesystem().pipe(f"{bucket}/wds/00000.tar", tar_bytes(sample_members("k")))
+    s3_server.filesystem().pipe(f"{s3_bucket}/wds/00000.tar", tar_bytes(sample_members("k")))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     s3fs.S3FileSystem.clear_instance_cache()  # an option-less instance may predate the variable
     try:
-        (shard,) = list_shards(f"s3://{bucket}/wds", "webdataset")
+        (shard,) = list_shards(f"s3://{s3_bucket}/wds", "webdataset")
         assert [r.key for r in read_all(shard)] == ["00000/k"]
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
@@ -549,8 +536,8 @@ def test_s3_unreachable_endpoint_while_reading_raises_shard_error(s3_server):
         read_all(shard, storage_options=options)
 
 
-def test_s3_shard_missing_at_read_time_is_a_shard_record(s3_server, bucket):
-    shard = Shard(f"s3://{bucket}/00009.tar", "webdataset")
+def test_s3_shard_missing_at_read_time_is_a_shard_record(s3_server, s3_bucket):
+    shard = Shard(f"s3://{s3_bucket}/00009.tar", "webdataset")
     (record,) = read_all(shard, storage_options=s3_server.storage_options)
     assert record.key == "00009/__shard__"
     assert record.error.startswith("shard_unreadable: FileNotFoundError")
