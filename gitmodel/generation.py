@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from gitmodel.kv_cache import KVCache
+from gitmodel.kv_cache import DecodeShape, KVCache
 from gitmodel.modeling import text_attention_mask, text_positions
 
 if TYPE_CHECKING:
@@ -37,11 +37,10 @@ class _Prompt:
     """The text prompt, one row per generated sequence, and the cache it was prefilled into."""
 
     ids: torch.Tensor
-    mask: torch.Tensor
     cache: KVCache
+    key_mask: torch.Tensor | None  # (rows, 1, 1, cache positions): False at left padding; None if unpadded
     num_image_tokens: int
     next_position: torch.Tensor  # text position of the next token, per row
-    padded: bool
     first_logits: torch.Tensor  # next-token logits at the end of the prompt
 
     @property
@@ -50,6 +49,11 @@ class _Prompt:
 
     def cache_position(self, step: int) -> int:
         return self.num_image_tokens + self.length + step
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        self.cache.select_rows(keep)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[keep]
 
 
 @torch.inference_mode()
@@ -148,35 +152,50 @@ def prefill(
     git = model.git
     config = model.config
     image = git.encode_image(pixel_values.to(model.dtype))
-    rows = input_ids.shape[0] * rows_per_image
-    cache = KVCache(
-        config.num_hidden_layers, rows, config.num_attention_heads,
-        image.shape[1] + input_ids.shape[1] + max_new_tokens, config.hidden_size // config.num_attention_heads,
-        dtype=image.dtype, device=image.device,
-    )
-    # Image tokens never attend to text, so their keys and values do not depend on the prompt and
-    # are computed without any mask, once per image rather than once per beam or sample.
-    git.encoder(image, None, cache, start=0)
-
+    num_image_tokens = image.shape[1]
     ids = input_ids.repeat_interleave(rows_per_image, dim=0)
     mask = attention_mask.repeat_interleave(rows_per_image, dim=0)
     padded = bool((mask == 0).any())
+    shape = DecodeShape(
+        config.num_hidden_layers, ids.shape[0], config.num_attention_heads,
+        num_image_tokens + ids.shape[1] + max_new_tokens, config.hidden_size // config.num_attention_heads,
+        num_image_tokens + ids.shape[1], padded, image.dtype, image.device,
+    )
+    cache, key_mask = model.decode_graphs.buffers(shape) if _graphs_active(model, image.device) else shape.allocate()
+    if key_mask is not None:
+        # Decode steps attend to every image token, the prompt's real tokens, and all generated tokens.
+        key_mask.fill_(True)
+        key_mask[:, 0, 0, num_image_tokens : num_image_tokens + ids.shape[1]] = mask.bool()
+
+    # Image tokens never attend to text, so their keys and values do not depend on the prompt and
+    # are computed without any mask, once per image rather than once per beam or sample.
+    git.encoder.prefill_image(image, cache)
     text = git.embeddings(ids, text_positions(mask))
-    hidden = git.encoder(text, text_attention_mask(image.shape[1], mask), cache, start=image.shape[1])
-    return _Prompt(ids, mask, cache, image.shape[1], mask.sum(-1), padded, model.output(hidden[:, -1]))
+    hidden = git.encoder(text, text_attention_mask(num_image_tokens, mask), cache, start=num_image_tokens)
+    return _Prompt(ids, cache, key_mask, num_image_tokens, mask.sum(-1), model.output(hidden[:, -1]))
 
 
 def decode_one_token(
-    model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int, text_mask: torch.Tensor
+    model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int
 ) -> torch.Tensor:
     """Logits for the next token of every row, given this step's tokens (rows,)."""
+    if _graphs_active(model, tokens.device):
+        return model.decode_graphs.run(model, prompt, tokens, positions, step)
+    return decode_one_token_eager(model, prompt, tokens, positions, step)
+
+
+def _graphs_active(model: GitForCausalLM, device: torch.device) -> bool:
+    return getattr(model, "decode_graphs", None) is not None and device.type == "cuda"
+
+
+def decode_one_token_eager(
+    model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int
+) -> torch.Tensor:
     git = model.git
-    x = git.embeddings(tokens[:, None], positions[:, None])
-    mask = None
-    if prompt.padded:
-        # Only left-padded prompts need a mask: a single query may otherwise see every cached key.
-        mask = text_attention_mask(prompt.num_image_tokens, text_mask, past_text=text_mask.shape[1] - 1, new_text=1)
-    hidden = git.encoder(x, mask, prompt.cache, start=prompt.cache_position(step))
+    start = prompt.cache_position(step)
+    # Without left padding a single query may see every cached key: no mask, the fastest kernels.
+    mask = prompt.key_mask[..., : start + 1] if prompt.key_mask is not None else None
+    hidden = git.encoder(git.embeddings(tokens[:, None], positions[:, None]), mask, prompt.cache, start=start)
     return model.output(hidden[:, -1])
 
 
@@ -193,37 +212,41 @@ def greedy_or_sample(
     generated = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
     logprob_sum = torch.zeros(rows, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     active = torch.arange(rows, device=device)  # which original row each cache row holds
     running = torch.ones(rows, dtype=torch.bool, device=device)
-    text_mask = prompt.mask
     positions = prompt.next_position
     logits = prompt.first_logits
-    steps = 0
+    graphed = _graphs_active(model, device)
+    # With CUDA graphs, look at the host only every few steps so the GPU never waits for it
+    # (the extra steps after the last EOS only add padding, trimmed below).
+    check_every = 4 if graphed else 1
     for step in range(max_new_tokens):
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
         tokens = sampler.choose(logits, active, step) if sampler else logits.argmax(dim=-1)
         tokens = torch.where(running, tokens, pad)
+        token_logprob = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         generated[active, step] = tokens
-        logprob_sum[active] += torch.where(running, logprobs.gather(1, tokens[:, None])[:, 0], 0.0)
+        logprob_sum[active] += torch.where(running, token_logprob, 0.0)
         lengths[active] += running
         running = running & ~torch.isin(tokens, eos)
-        steps = step + 1
-        still_running = int(running.sum())  # the one host sync per step
-        if still_running == 0 or steps == max_new_tokens:
+        if step + 1 == max_new_tokens:
             break
-        if still_running <= len(active) // 2:
-            # Finished rows stop costing work: drop them from the batch and the cache.
-            keep = running.nonzero()[:, 0]
-            prompt.cache.select_rows(keep)
-            active, running, tokens = active[keep], running[keep], tokens[keep]
-            text_mask, positions = text_mask[keep], positions[keep]
-        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
-        logits = decode_one_token(model, prompt, tokens, positions, step, text_mask)
+        if (step + 1) % check_every == 0:
+            still_running = int(running.sum())
+            if still_running == 0:
+                break
+            # Finished rows stop costing work: drop them from the batch and the cache
+            # (not under CUDA graphs, which are captured for one batch shape).
+            if not graphed and still_running <= len(active) // 2:
+                keep = running.nonzero()[:, 0]
+                prompt.keep_rows(keep)
+                active, running, tokens, positions = active[keep], running[keep], tokens[keep], positions[keep]
+        logits = decode_one_token(model, prompt, tokens, positions, step)
         positions = positions + 1
-    sequences = torch.cat([prompt.ids, generated[:, :steps]], dim=1)
+    # transformers stops when the last row finishes: its output is as long as the longest row.
+    sequences = torch.cat([prompt.ids, generated[:, : int(lengths.max())]], dim=1)
     return sequences, logprob_sum / lengths.clamp(min=1)
 
 
@@ -243,11 +266,11 @@ def beam_search(
     """transformers' vectorised beam search (generation/utils.py `_beam_search`), step for step."""
     device = prompt.ids.device
     vocab = model.config.vocab_size
-    eos = torch.tensor(eos_ids, device=device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     keep_k = max(2, 1 + len(eos_ids)) * num_beams
     top_num_beams = torch.arange(keep_k, device=device) < num_beams
     # transformers fills unused positions with `pad or eos`: with pad id 0 that is eos.
-    fill = pad or eos_ids[0]
+    fill = pad or (eos_ids[0] if eos_ids else -1)
 
     running_seqs = torch.full((batch, num_beams, max_new_tokens), fill, dtype=torch.long, device=device)
     running_scores = torch.zeros(batch, num_beams, device=device)
@@ -259,7 +282,6 @@ def beam_search(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     row_base = torch.arange(batch, device=device)[:, None] * num_beams
 
-    text_mask = prompt.mask
     positions = prompt.next_position
     logits = prompt.first_logits
     for step in range(max_new_tokens):
@@ -304,8 +326,7 @@ def beam_search(
         # Each running beam continues from its source beam's cached text (image keys are shared).
         rows = (row_base + running_source).view(-1)
         prompt.cache.select_rows(rows, start=prompt.num_image_tokens, end=prompt.cache_position(step))
-        text_mask = torch.cat([text_mask, torch.ones_like(text_mask[:, :1])], dim=1)
-        logits = decode_one_token(model, prompt, running_seqs[:, :, step].reshape(-1), positions, step, text_mask)
+        logits = decode_one_token(model, prompt, running_seqs[:, :, step].reshape(-1), positions, step)
         positions = positions + 1
 
     seqs = seqs[:, :num_return_sequences]

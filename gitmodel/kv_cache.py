@@ -6,6 +6,8 @@ which are computed once per image and copied to every row (beam or sample) of th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -55,3 +57,28 @@ class KVCache:
             else:
                 layer.keys[:, :, start:end] = layer.keys[index, :, start:end]
                 layer.values[:, :, start:end] = layer.values[index, :, start:end]
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """Everything that fixes the size of a generation's buffers (and of any CUDA graph over them)."""
+
+    num_layers: int
+    rows: int
+    heads: int
+    max_positions: int
+    head_dim: int
+    prompt_end: int  # image tokens + prompt tokens: where the first generated token's keys go
+    padded: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    def allocate(self) -> tuple[KVCache, torch.Tensor | None]:
+        """A fresh cache, and a key mask (rows, 1, 1, positions) when prompts are left-padded."""
+        cache = KVCache(
+            self.num_layers, self.rows, self.heads, self.max_positions, self.head_dim, dtype=self.dtype, device=self.device
+        )
+        mask = None
+        if self.padded:
+            mask = torch.ones(self.rows, 1, 1, self.max_positions, dtype=torch.bool, device=self.device)
+        return cache, mask

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gitmodel.attention import QKVAttention
 from gitmodel.checkpoint import PretrainedModel
 from gitmodel.config import GenerationConfig, GitConfig
 from gitmodel.hub import CheckpointFolder
@@ -32,7 +33,7 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(QKVAttention):
     def __init__(self, config: GitConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -45,14 +46,18 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache | None, start: int
     ) -> torch.Tensor:
         batch, length, dim = x.shape
-        heads = (batch, length, self.num_heads, dim // self.num_heads)
-        q = self.query(x).view(heads).transpose(1, 2)
-        k = self.key(x).view(heads).transpose(1, 2)
-        v = self.value(x).view(heads).transpose(1, 2)
+        q, k, v = self.qkv(x)
         if cache is not None:
             k, v = cache.update(start, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(batch, length, dim)
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.query, self.key, self.value
+
+    def store_keys_values(self, x: torch.Tensor, cache: LayerCache, start: int) -> None:
+        """Only fill the cache: what a query at these positions would compute is never used."""
+        cache.update(start, self.heads(self.key(x)), self.heads(self.value(x)))
 
 
 class DenseLayerNorm(nn.Module):
@@ -107,6 +112,14 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layer):
             x = layer(x, mask, cache.layers[i] if cache is not None else None, start)
         return x
+
+    def prefill_image(self, image_tokens: torch.Tensor, cache: KVCache) -> None:
+        """Cache every layer's keys and values for the image tokens (which attend to each other only).
+        The last layer's outputs for image positions feed no logits, so only its keys and values are computed."""
+        x = image_tokens
+        for layer, layer_cache in zip(self.layer[:-1], cache.layers):
+            x = layer(x, None, layer_cache, 0)
+        self.layer[-1].attention.self.store_keys_values(x, cache.layers[-1], 0)
 
 
 class VisualProjection(nn.Module):
@@ -264,6 +277,27 @@ class GitForCausalLM(PretrainedModel):
         from gitmodel.generation import generate
 
         return generate(self, pixel_values, input_ids, attention_mask, **kwargs)
+
+    def prepare_for_inference(self, cuda_graphs: bool = True, compile: bool = False) -> GitForCausalLM:
+        """Speed-ups for batch inference: one matmul for q/k/v, CUDA graphs for the decode steps (on a
+        GPU, captured per batch shape) and, optionally, `torch.compile` (a minute to start, faster after)."""
+        from gitmodel.cuda_graphs import DecodeGraphs
+
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, QKVAttention):
+                module.fuse_projections()
+        self.decode_graphs = DecodeGraphs() if cuda_graphs else None
+        if compile:
+            # Compiled in place, so parameter names stay the checkpoint's. In the decoder, only the parts
+            # whose shapes do not change from step to step (all but attention) are compiled: they fuse
+            # bias, GELU, residual and LayerNorm into few kernels, and stay capturable by the CUDA graphs.
+            self.git.image_encoder.vision_model.compile(dynamic=False)
+            self.git.embeddings.compile(dynamic=False)
+            for layer in self.git.encoder.layer:
+                for part in (layer.attention.output, layer.intermediate, layer.output):
+                    part.compile(dynamic=False)
+        return self
 
     def after_load(self, folder: CheckpointFolder) -> None:
         if folder.exists("generation_config.json"):

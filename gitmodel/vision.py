@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gitmodel.attention import QKVAttention
 from gitmodel.checkpoint import PretrainedModel
 from gitmodel.config import GitVisionConfig
 
@@ -43,7 +44,7 @@ class VisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
-class VisionAttention(nn.Module):
+class VisionAttention(QKVAttention):
     def __init__(self, config: GitVisionConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -54,12 +55,12 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        heads = (batch, length, self.num_heads, dim // self.num_heads)
-        q = self.q_proj(x).view(heads).transpose(1, 2)
-        k = self.k_proj(x).view(heads).transpose(1, 2)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
+        q, k, v = self.qkv(x)
         # Image tokens attend to each other without a mask: the fused flash kernels apply.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))

@@ -38,7 +38,8 @@ class S3Server:
     def new_bucket(self) -> str:
         """A fresh, empty bucket, so tests never see each other's objects."""
         name = f"test-{uuid.uuid4().hex[:12]}"
-        self.filesystem().mkdir(name)
+        # Not fs.mkdir: s3fs sends us-east-1 as a LocationConstraint, which S3 (and moto) reject.
+        self.filesystem().call_s3("create_bucket", Bucket=name)
         return name
 
 

@@ -1,0 +1,40 @@
+"""What the vision tower's and the decoder's attention layers share: q/k/v projections, split into heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QKVAttention(nn.Module):
+    """Separate q/k/v Linear layers, as checkpoints store them, optionally run as one matmul.
+
+    `fuse_projections()` (done by `prepare_for_inference`) concatenates the three weights once, so
+    inference runs one larger GEMM instead of three; the checkpoint's parameters stay as they are.
+    """
+
+    num_heads: int
+    fused: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        raise NotImplementedError
+
+    def fuse_projections(self) -> None:
+        layers = self.projections()
+        self.fused = (
+            torch.cat([layer.weight for layer in layers]).detach(),
+            torch.cat([layer.bias for layer in layers]).detach(),
+        )
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as (batch, heads, length, head_dim)."""
+        if self.fused is not None:
+            q, k, v = F.linear(x, *self.fused).chunk(3, dim=-1)
+        else:
+            q, k, v = (layer(x) for layer in self.projections())
+        return self.heads(q), self.heads(k), self.heads(v)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
