@@ -41,7 +41,7 @@ class _Prompt:
     key_mask: torch.Tensor | None  # (rows, 1, 1, cache positions): False at left padding; None if unpadded
     num_image_tokens: int
     next_position: torch.Tensor  # text position of the next token, per row
-    first_logits: torch.Tensor  # next-token logits at the end of the prompt
+    first_logits: torch.Tensor | None = None  # next-token logits at the end of the prompt
 
     @property
     def length(self) -> int:
@@ -140,6 +140,7 @@ def generate(
     return GenerateOutput(sequences, scores) if return_dict else sequences
 
 
+@torch.inference_mode()
 def prefill(
     model: GitForCausalLM,
     pixel_values: torch.Tensor,
@@ -151,11 +152,11 @@ def prefill(
     """Encode the images once, run the decoder over their tokens once, then over the prompt of every row."""
     git = model.git
     config = model.config
-    image = git.encode_image(pixel_values.to(model.dtype))
-    num_image_tokens = image.shape[1]
     ids = input_ids.repeat_interleave(rows_per_image, dim=0)
     mask = attention_mask.repeat_interleave(rows_per_image, dim=0)
-    padded = bool((mask == 0).any())
+    padded = bool((mask == 0).any())  # a host sync: done before the GPU has work queued
+    image = git.encode_image(pixel_values.to(model.dtype))
+    num_image_tokens = image.shape[1]
     shape = DecodeShape(
         config.num_hidden_layers, ids.shape[0], config.num_attention_heads,
         num_image_tokens + ids.shape[1] + max_new_tokens, config.hidden_size // config.num_attention_heads,
@@ -170,9 +171,15 @@ def prefill(
     # Image tokens never attend to text, so their keys and values do not depend on the prompt and
     # are computed without any mask, once per image rather than once per beam or sample.
     git.encoder.prefill_image(image, cache)
-    text = git.embeddings(ids, text_positions(mask))
-    hidden = git.encoder(text, text_attention_mask(num_image_tokens, mask), cache, start=num_image_tokens)
-    return _Prompt(ids, cache, key_mask, num_image_tokens, mask.sum(-1), model.output(hidden[:, -1]))
+    prompt = _Prompt(ids, cache, key_mask, num_image_tokens, mask.sum(-1))
+    if ids.shape[1] == 1:
+        # A one-token prompt ([CLS]) is a decode step at text position 0 (replayed from a CUDA graph too).
+        prompt.first_logits = decode_one_token(model, prompt, ids[:, 0], torch.zeros_like(ids[:, 0]), step=-1)
+    else:
+        text = git.embeddings(ids, text_positions(mask))
+        hidden = git.encoder(text, text_attention_mask(num_image_tokens, mask), cache, start=num_image_tokens)
+        prompt.first_logits = model.output(hidden[:, -1])
+    return prompt
 
 
 def decode_one_token(
