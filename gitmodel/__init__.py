@@ -3,7 +3,10 @@
 from gitmodel.checkpoint import CheckpointError
 from gitmodel.config import GenerationConfig, GitConfig, GitVisionConfig
 from gitmodel.generation import GenerateOutput
+from gitmodel.image_processing import GitImageProcessor
 from gitmodel.modeling import GitForCausalLM, GitModel
+from gitmodel.processing import GitProcessor
+from gitmodel.tokenization import GitTokenizer
 from gitmodel.vision import GitVisionModel
 
 __all__ = [
@@ -12,7 +15,10 @@ __all__ = [
     "GenerationConfig",
     "GitConfig",
     "GitForCausalLM",
+    "GitImageProcessor",
     "GitModel",
+    "GitProcessor",
+    "GitTokenizer",
     "GitVisionConfig",
     "GitVisionModel",
 ]

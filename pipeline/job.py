@@ -1,0 +1,233 @@
+"""A captioning job: what to read, which model, how to generate, where to write, on what compute.
+
+Plain dataclasses, validated on construction, built from nested dicts (a YAML job spec is one) with
+errors that name the field (`generation.num_beams: expected an integer, got 'three'`). Nothing here
+reads YAML or touches storage: `jobs/` parses specs, `pipeline/` runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+INPUT_FORMATS = ("webdataset", "parquet", "images")
+
+
+class JobConfigError(ValueError):
+    """A job spec that cannot run; the message starts with the dotted name of the field at fault."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class InputConfig:
+    path: str | list[str]
+    format: str = "webdataset"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    image_column: str | None = None  # parquet: default auto-detects image/jpg/png/img
+    images_per_shard: int = 1000  # images: files per unit of work
+
+    def validate(self, name: str) -> None:
+        if not self.path:
+            raise JobConfigError(f"{name}.path", "is required")
+        if self.format not in INPUT_FORMATS:
+            raise JobConfigError(f"{name}.format", f"must be one of {', '.join(INPUT_FORMATS)}, got {self.format!r}")
+        _positive(f"{name}.images_per_shard", self.images_per_shard)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # None: the bundled model
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    compile: bool = False  # torch.compile on GPU workers: slower start, faster batches
+
+    def validate(self, name: str) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise JobConfigError(f"{name}.dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    prompt: str | None = None  # conditional captioning / VQA: "[CLS] prompt" with no [SEP]
+    seed: int = 0  # sampling: each image's noise comes from (seed, key), so reruns sample the same
+
+    def validate(self, name: str) -> None:
+        _positive(f"{name}.max_new_tokens", self.max_new_tokens)
+        _positive(f"{name}.num_beams", self.num_beams)
+        _positive(f"{name}.num_return_sequences", self.num_return_sequences)
+        if self.temperature <= 0:
+            raise JobConfigError(f"{name}.temperature", f"must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise JobConfigError(f"{name}.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise JobConfigError(f"{name}.top_k", f"must be >= 0, got {self.top_k}")
+        if self.do_sample and self.num_beams > 1:
+            raise JobConfigError(f"{name}.num_beams", "beam search and sampling cannot be combined; pick one")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise JobConfigError(f"{name}.num_return_sequences", f"cannot exceed num_beams ({self.num_beams})")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise JobConfigError(
+                f"{name}.num_return_sequences", "greedy decoding gives one caption: set do_sample or num_beams"
+            )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `GitForCausalLM.generate` (the prompt and seeds are per batch)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "num_return_sequences": self.num_return_sequences,
+        }
+
+
+@dataclass
+class OutputConfig:
+    path: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    include_image: bool = False  # the image bytes as a Hugging Face datasets {bytes, path} column
+
+    def validate(self, name: str) -> None:
+        if not self.path:
+            raise JobConfigError(f"{name}.path", "is required")
+
+
+@dataclass
+class ComputeConfig:
+    batch_size: int = 32
+    workers: int = 1  # captioning actors, each holding one model
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    preprocess_workers: int | None = None  # CPU decode/resize tasks in flight; None lets Ray decide
+    shards_per_wave: int | None = None  # commit granularity; None: a few waves per worker
+
+    def validate(self, name: str) -> None:
+        _positive(f"{name}.batch_size", self.batch_size)
+        _positive(f"{name}.workers", self.workers)
+        if self.gpus_per_worker < 0:
+            raise JobConfigError(f"{name}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        if self.cpus_per_worker <= 0:
+            raise JobConfigError(f"{name}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.preprocess_workers is not None:
+            _positive(f"{name}.preprocess_workers", self.preprocess_workers)
+        if self.shards_per_wave is not None:
+            _positive(f"{name}.shards_per_wave", self.shards_per_wave)
+
+
+@dataclass
+class CaptionJob:
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CaptionJob:
+        """Build from nested dicts; unknown keys and wrong types are errors naming the field."""
+        return _build(cls, values, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """What decides the output rows: input, model and generation settings (not compute, not credentials).
+        A resumed job must have the same fingerprint as the progress it resumes."""
+        decisive = {
+            "input": {"path": self.input.path, "format": self.input.format, "image_column": self.input.image_column,
+                      "images_per_shard": self.input.images_per_shard},
+            "model": {"path": self.model.path},
+            "generation": dataclasses.asdict(self.generation),
+            "output": {"include_image": self.output.include_image},
+        }
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build(cls: type, values: Any, prefix: str):
+    if not isinstance(values, dict):
+        raise JobConfigError(prefix or "job", f"expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise JobConfigError(
+            f"{prefix}{unknown[0]}", f"unknown key (known keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _convert(hints[name], value, f"{prefix}{name}")
+    missing = [
+        name for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise JobConfigError(f"{prefix}{missing[0]}", "is required")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{name}.")
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise JobConfigError(name, "must not be empty")
+    for option in options:
+        if _matches(option, value):
+            return float(value) if option is float else value
+    expected = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise JobConfigError(name, f"expected {expected}, got {value!r}")
+
+
+def _matches(option: Any, value: Any) -> bool:
+    origin = typing.get_origin(option)
+    if origin is list:
+        (item,) = typing.get_args(option)
+        return isinstance(value, list) and all(_matches(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if option is bool:
+        return isinstance(value, bool)
+    if option is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if option is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, option)
+
+
+def _type_name(option: Any) -> str:
+    origin = typing.get_origin(option)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(option)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(option, str(option))
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise JobConfigError(name, f"must be at least 1, got {value}")
