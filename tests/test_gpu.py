@@ -72,3 +72,11 @@ def test_git_base_shape_logits_match_transformers_in_fp32(tmp_path):
         diff = (ours(ids, pixel_values=images).logits - reference(input_ids=ids, pixel_values=images).logits).abs().max()
     assert diff < 1e-3, f"max |logit difference| {diff:.2e}"
     assert torch.equal(got, expected)
+
+
+def test_graphs_survive_alternating_batch_shapes(models):
+    """A pipeline sends full batches and a smaller last one: both shapes keep their graphs."""
+    _, eager, graphed = models
+    for batch, seed in [(8, 20), (5, 21), (8, 22), (5, 23)]:
+        images = pixels(batch, seed)
+        assert torch.equal(graphed.generate(images, max_new_tokens=12), eager.generate(images, max_new_tokens=12))
