@@ -153,17 +153,19 @@ class CaptionJob:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """What decides the output rows: input, model and generation settings (not compute, not credentials).
-        A resumed job must have the same fingerprint as the progress it resumes."""
-        decisive = {
+    def decisive_settings(self) -> dict[str, Any]:
+        """What decides the output rows: input, model and generation settings (not compute, not credentials)."""
+        return {
             "input": {"path": self.input.path, "format": self.input.format, "image_column": self.input.image_column,
                       "images_per_shard": self.input.images_per_shard},
             "model": {"path": self.model.path},
             "generation": dataclasses.asdict(self.generation),
             "output": {"include_image": self.output.include_image},
         }
-        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """A hash of `decisive_settings`: a resumed job must have the same as the progress it resumes."""
+        return hashlib.sha256(json.dumps(self.decisive_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _build(cls: type, values: Any, prefix: str):

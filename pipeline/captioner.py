@@ -1,0 +1,138 @@
+"""Step 3 of the data path: the captioning actor. One GIT model per actor, loaded once.
+
+Ray Data calls it with batches of preprocessed rows (`pipeline.stages.ROW_SCHEMA`). Rows that carry
+an error, and the shards' end markers, pass straight through; the others are normalised on the
+actor's device (the uint8 crops cross to it, floats are made there), captioned, and decoded to
+text. Sampling is reproducible across batches, actors and resumed runs: each image's noise comes
+from a seed derived from (generation.seed, key), never from its position in a batch.
+
+A batch the model cannot run (out of memory, say) is split in halves and retried; an image that
+fails alone becomes an error row (`caption_failed`), and the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    model_path: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    compile: bool = False
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)  # GenerationConfig.generate_kwargs()
+    prompt: str | None = None
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+
+
+def image_seed(seed: int, key: str) -> int:
+    """A 62-bit seed for one image, from the job's seed and the image's key alone."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class Captioner:
+    """A callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy(...))`."""
+
+    def __init__(self, config: CaptionerConfig):
+        from gitmodel import GitForCausalLM, GitProcessor
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and config.threads:
+            torch.set_num_threads(config.threads)
+        dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        self.model = GitForCausalLM.from_pretrained(
+            config.model_path, dtype=dtype, device=self.device, storage_options=config.storage_options
+        ).prepare_for_inference(cuda_graphs=self.device.type == "cuda", compile=config.compile)
+        self.processor = GitProcessor.from_pretrained(config.model_path, storage_options=config.storage_options)
+        self.dtype = dtype
+        self.prompt, self.seed = config.prompt, config.seed
+        self.generate_kwargs = config.generate_kwargs
+        self.num_return_sequences = int(config.generate_kwargs.get("num_return_sequences", 1))
+        self.crop_shape = (*self.processor.image_processor.output_size, 3)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        todo = pc.and_(pc.is_valid(batch["pixels"]), pc.is_null(batch["error"])).to_numpy(zero_copy_only=False)
+        n = batch.num_rows
+        captions: list[list[str] | None] = [None] * n
+        scores: list[list[float] | None] = [None] * n
+        errors = batch["error"].to_pylist()
+        rows = np.flatnonzero(todo)
+        if len(rows):
+            pixels = batch["pixels"].take(pa.array(rows)).to_pylist()
+            keys = batch["key"].take(pa.array(rows)).to_pylist()
+            crops = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(self.crop_shape) for p in pixels])
+            for i, (texts, values, error) in zip(rows, self._caption_or_split(crops, keys)):
+                captions[i], scores[i], errors[i] = texts, values, error or errors[i]
+        return self._output(batch, captions, scores, errors)
+
+    def _caption_or_split(self, crops: np.ndarray, keys: list[str]) -> list[tuple[Any, Any, str | None]]:
+        """[(captions best first, their scores, error)] per image; halves a batch that fails."""
+        try:
+            return [(c, s, None) for c, s in zip(*self.caption(crops, keys))]
+        except Exception as err:  # noqa: BLE001  (OOM, a kernel error: retry smaller, then give up per image)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(keys) == 1:
+                return [(None, None, f"caption_failed: {type(err).__name__}: {err}")]
+            half = len(keys) // 2
+            return self._caption_or_split(crops[:half], keys[:half]) + self._caption_or_split(crops[half:], keys[half:])
+
+    @torch.inference_mode()
+    def caption(self, crops: np.ndarray, keys: list[str]) -> tuple[list[list[str]], list[list[float]]]:
+        """Captions for uint8 crops (B, H, W, 3): per image, `num_return_sequences` texts best first."""
+        pixel_values = self.processor.image_processor.normalize(crops, device=self.device, dtype=self.dtype)
+        input_ids, attention_mask = self.processor.prompt_inputs(self.prompt, len(keys))
+        seeds = torch.tensor([image_seed(self.seed, key) for key in keys], dtype=torch.long)
+        out = self.model.generate(
+            pixel_values, input_ids.to(self.device), attention_mask.to(self.device),
+            seed=seeds.to(self.device), return_dict=True, **self.generate_kwargs,
+        )
+        texts = [t.strip() for t in self.processor.answers(out.sequences.cpu(), input_ids)]
+        values = out.scores.float().cpu().numpy().reshape(len(keys), self.num_return_sequences)
+        order = np.argsort(-values, axis=1, kind="stable")  # sampling returns draws unordered
+        texts_by_image = np.array(texts, dtype=object).reshape(len(keys), self.num_return_sequences)
+        return (
+            [list(texts_by_image[i, order[i]]) for i in range(len(keys))],
+            [[float(v) for v in values[i, order[i]]] for i in range(len(keys))],
+        )
+
+    def _output(self, batch: pa.Table, captions: list, scores: list, errors: list) -> pa.Table:
+        table = batch.drop_columns(["pixels", "error"]).append_column("error", pa.array(errors, pa.string()))
+        best = [c[0] if c else None for c in captions]
+        table = table.append_column("caption", pa.array(best, pa.string()))
+        table = table.append_column("score", pa.array([s[0] if s else None for s in scores], pa.float32()))
+        if self.num_return_sequences > 1:
+            table = table.append_column("captions", pa.array(captions, pa.list_(pa.string())))
+            table = table.append_column("scores", pa.array(scores, pa.list_(pa.float32())))
+        return table
+
+
+BUNDLED_MODEL_ID = "gitcap/bundled"
+
+
+def resolve_model(path: str | None) -> tuple[str, str]:
+    """(where to load the model from, the id written in the `model` column). No path: the model
+    bundled with gitcap, when this install has one."""
+    if path:
+        return path, path
+    import gitmodel
+
+    find = getattr(gitmodel, "bundled_model_path", None)
+    bundled = find() if find is not None else None
+    if bundled is None or not os.path.exists(os.path.join(str(bundled), "config.json")):
+        raise FileNotFoundError(
+            "model.path: not set, and this install has no bundled model (gitmodel/bundled/ is missing); "
+            "set model.path to a GIT checkpoint folder or URL"
+        )
+    return str(bundled), BUNDLED_MODEL_ID

@@ -1,0 +1,451 @@
+"""The whole data path, with exactly-once resume: `run_caption_job(job) -> RunSummary`.
+
+    shard list ─▶ read + decode + crop (CPU tasks) ─▶ caption (actor pool) ─▶ driver ─▶ Parquet
+                  pipeline.stages                     pipeline.captioner       waves    pipeline.sink
+
+Ray Data streams shards through the two map stages with bounded memory (its streaming executor
+and backpressure); the driver collects the captioned rows, assembles them per shard, and commits
+finished shards in *waves*: every `shards_per_wave` finished shards (or `commit_interval_s`), one
+Parquet file holding exactly those shards is published atomically under a name no other attempt
+uses. That publication is the commit. Then a manifest (the index `gitcap status` reads) is
+written beside it in `_progress/`.
+
+Why this protocol, and not Ray Data's `write_parquet` or its `CheckpointConfig`:
+- `write_parquet` writes straight to final names, fresh per execution: a rerun after a crash
+  appends a second copy, and a killed task can leave a partial file. No exactly-once.
+- `CheckpointConfig` (beta in 2.60) deadlocks on 2-CPU clusters, fails with WebDataset input,
+  re-reads every finished shard on resume and, by default, reprocesses a finished job.
+- A data file that holds whole shards and is published atomically is all-or-nothing, and its
+  footer names its shards, so the committed set can always be rebuilt from the data alone. A kill
+  at any instant leaves every shard either in exactly one published file or in none: the rerun
+  skips the first kind without reading them and redoes the second. Readers (pandas, pyarrow,
+  DuckDB, Hugging Face datasets) globbing `*.parquet` only ever see committed files; a manifest
+  committed as the commit point instead would leave the folder holding uncommitted files on S3,
+  which has no rename.
+- Redo after a kill is bounded by what was in flight: shards being read or captioned, plus at
+  most one wave of finished-but-uncommitted shards. Finished shards are never re-read.
+
+Sampling reproduces across resumes (per-image seeds from (seed, key)), so a redone shard gets
+the captions it would have had. `--retry-failed` re-reads only shards with error rows, captions
+only their failed keys, and republishes each affected file whole under its own name (one atomic
+replace), so its error rows are replaced, never duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gitmodel.image_processing import GitImageProcessor
+from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
+from pipeline.job import CaptionJob
+from pipeline.progress import JobProgress, new_run_record
+from pipeline.sink import output_table, file_summary
+from pipeline.sources import Shard, list_shards
+from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
+from pipeline.storage import Folder
+
+COMMIT_INTERVAL_S = 60.0
+PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task  # a wave is committed at least this often, full or not
+FAILPOINT_ENV = "GITCAP_FAILPOINT"  # tests: "NAME[:N]" SIGKILLs this process at the Nth NAME
+
+
+@dataclass
+class ProgressUpdate:
+    """What a live display needs, sent after every batch of results."""
+
+    shards_total: int
+    shards_done: int  # committed, this run and before
+    shards_todo: int  # this run's work
+    images: int  # rows received this run (images, ok or failed)
+    failed: int
+    elapsed_s: float
+    images_per_s: float | None
+
+
+@dataclass
+class RunSummary:
+    output: str
+    run_id: str
+    shards_total: int
+    shards_done: int  # committed, in all runs
+    shards_this_run: int  # committed by this run
+    images_ok: int  # the whole output
+    images_failed: int
+    images_this_run: int
+    errors: dict[str, int]  # reason code -> rows, whole output
+    failed_sources: list[dict[str, str]]  # shards that could not be read (whole output, and this run)
+    elapsed_s: float
+    startup_s: float | None  # from the start of the run to the first captioned batch
+    images_per_s: float | None  # this run, after start-up
+    retried: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done >= self.shards_total
+
+    @property
+    def exit_code(self) -> int:
+        """0: every shard committed and read; 3: some sources failed or are not done."""
+        return 0 if self.complete and not self.failed_sources else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "complete": self.complete, "exit_code": self.exit_code}
+
+
+def run_caption_job(
+    job: CaptionJob,
+    *,
+    retry_failed: bool = False,
+    progress_callback: Callable[[ProgressUpdate], None] | None = None,
+    commit_interval_s: float = COMMIT_INTERVAL_S,
+) -> RunSummary:
+    """Run or resume `job` on the Ray cluster this process is connected to (`ray.init` first)."""
+    started = time.time()
+    model_path, model_id = resolve_model(job.model.path)
+    folder = Folder(job.output.path, job.output.storage_options)
+    progress = JobProgress(folder)
+    inp = job.input
+    _, shards = progress.start(
+        job, lambda: list_shards(inp.path, inp.format, inp.storage_options, inp.images_per_shard), model_id
+    )
+    manifests = progress.reconcile()
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
+    run = new_run_record(run_id, retry_failed)
+
+    if retry_failed:
+        tasks, targets = _retry_tasks(progress, manifests, shards)
+        writer: _Writer = _RetryWriter(progress, job, model_id, run_id, targets, manifests, shards)
+    else:
+        done = {s for m in manifests.values() for s in m["shards"]}
+        tasks = [ShardTask(s) for s in shards if s.uri not in done]
+        writer = _WaveWriter(progress, job, model_id, run_id, _wave_size(job, len(tasks)), commit_interval_s)
+
+    storage_failed: dict[str, str] = {}
+    counts = Counter()
+    first_result = None
+    if tasks:
+        progress.write_run(run)
+        processor = GitImageProcessor.from_pretrained(model_path, storage_options=job.model.storage_options)
+        done_before = len({s for m in manifests.values() for s in m["shards"]})
+        assembler = ShardAssembler()
+        for block in _captioned_blocks(job, tasks, model_path, processor):
+            images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
+            if first_result is None:
+                first_result, counts["startup_images"] = time.time(), images
+            counts["images"] += images
+            counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+            for shard in assembler.add(block):
+                if shard.storage_error:
+                    storage_failed[shard.uri] = shard.storage_error
+                else:
+                    writer.add(shard)
+            if writer.due():
+                writer.flush()
+                run.update(shards_committed=writer.shards_committed, images=counts["images"],
+                           startup_s=first_result - started, images_per_s=_speed(counts, first_result))
+                progress.write_run(run)
+            if progress_callback:
+                progress_callback(ProgressUpdate(
+                    shards_total=len(shards), shards_done=done_before + writer.shards_committed,
+                    shards_todo=len(tasks), images=counts["images"], failed=counts["failed"],
+                    elapsed_s=time.time() - started, images_per_s=_speed(counts, first_result),
+                ))
+        writer.flush()
+
+    _failpoint("before-finish")
+    manifests = progress.reconcile(repair=False)
+    summary = _summary(job, run_id, shards, manifests, writer.shards_committed, counts, started, first_result)
+    summary.retried = retry_failed
+    for uri, error in storage_failed.items():
+        summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})
+    if not tasks:
+        summary.notes.append("nothing to do: every shard is committed" if not retry_failed else "no failed rows to retry")
+    run.update(state="finished", finished_at=time.time(), shards_committed=writer.shards_committed,
+               images=counts["images"], images_per_s=summary.images_per_s, startup_s=summary.startup_s)
+    if tasks:
+        progress.write_run(run)
+    if summary.complete and not progress.folder.exists("_SUCCESS"):
+        progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
+    return summary
+
+
+# --- the Ray Data part ------------------------------------------------------------------------
+
+
+def _captioned_blocks(
+    job: CaptionJob, tasks: list[ShardTask], model_path: str, processor: GitImageProcessor
+) -> Iterator[pa.Table]:
+    """Stream the tasks through read+preprocess and the captioning actors; yield result blocks."""
+    import ray.data
+
+    compute = job.compute
+    height, width = processor.output_size
+    preprocess = PreprocessConfig(
+        processor=processor.to_dict(),
+        storage_options=job.input.storage_options,
+        image_column=job.input.image_column,
+        include_image=job.output.include_image,
+        rows_per_batch=compute.batch_size,
+    )
+    captioner = CaptionerConfig(
+        model_path=model_path,
+        storage_options=job.model.storage_options,
+        dtype=job.model.dtype,
+        compile=job.model.compile,
+        generate_kwargs=job.generation.generate_kwargs(),
+        prompt=job.generation.prompt,
+        seed=job.generation.seed,
+        threads=None if compute.gpus_per_worker else math.ceil(compute.cpus_per_worker),
+    )
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    # A block is about one captioning batch of crops: small blocks keep shards streaming.
+    context.target_max_block_size = max(1 << 20, int(compute.batch_size * height * width * 3 * 1.25))
+    try:
+        items = [{"task": task.to_json()} for task in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        read_compute = (
+            ray.data.TaskPoolStrategy(size=compute.preprocess_workers) if compute.preprocess_workers else None
+        )
+        # Half a CPU per read task: a shard is part decoding, part waiting on storage. Resources
+        # unlike the captioner's also keep Ray Data from fusing this stage into the actors, where
+        # decoding would stall the model instead of running beside it.
+        ds = ds.map_batches(
+            read_and_preprocess, batch_size=1, fn_kwargs={"config": preprocess}, compute=read_compute,
+            num_cpus=PREPROCESS_CPUS,
+        )
+        ds = ds.map_batches(
+            Captioner,
+            fn_constructor_kwargs={"config": captioner},
+            batch_size=compute.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=compute.workers),
+            num_cpus=compute.cpus_per_worker,
+            num_gpus=compute.gpus_per_worker or None,
+        )
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    finally:
+        context.target_max_block_size = saved
+
+
+# --- shards back together on the driver -------------------------------------------------------
+
+
+@dataclass
+class CompletedShard:
+    uri: str
+    rows: pa.Table  # captioned rows of the shard, end marker removed
+    storage_error: str | None = None
+
+
+class ShardAssembler:
+    """Collects result rows per shard; a shard is complete once its end marker and as many distinct
+    `seq` numbers as the marker announced have arrived (duplicates from Ray retries are dropped)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.seen: dict[str, set[int]] = defaultdict(set)
+        self.expected: dict[str, int] = {}
+        self.storage_errors: dict[str, str | None] = {}
+        self.schema: pa.Schema | None = None
+
+    def add(self, block: pa.Table) -> list[CompletedShard]:
+        self.schema = self.schema or block.schema
+        take: dict[str, list[int]] = defaultdict(list)
+        touched = set()
+        markers = block["marker"].to_pylist()
+        for i, (shard, seq) in enumerate(zip(block["shard"].to_pylist(), block["seq"].to_pylist())):
+            touched.add(shard)
+            if seq < 0:
+                marker = json.loads(markers[i])
+                self.expected[shard] = marker["rows"]
+                self.storage_errors[shard] = marker["storage_error"]
+            elif seq not in self.seen[shard]:
+                self.seen[shard].add(seq)
+                take[shard].append(i)
+        for shard, rows in take.items():
+            self.parts[shard].append(block.take(pa.array(rows, pa.int64())))
+        return [self._pop(s) for s in sorted(touched) if len(self.seen[s]) == self.expected.get(s, -1)]
+
+    def _pop(self, shard: str) -> CompletedShard:
+        parts = self.parts.pop(shard, [])
+        rows = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        del self.seen[shard], self.expected[shard]
+        return CompletedShard(shard, rows.drop_columns(["marker"]), self.storage_errors.pop(shard))
+
+
+# --- committing -------------------------------------------------------------------------------
+
+
+class _Writer:
+    shards_committed = 0
+
+    def add(self, shard: CompletedShard) -> None: ...
+    def due(self) -> bool: ...
+    def flush(self) -> None: ...
+
+
+class _WaveWriter(_Writer):
+    """Commits finished shards, a wave at a time, each wave as one new data file."""
+
+    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, run_id: str,
+                 wave_size: int, interval_s: float):
+        self.progress, self.job, self.model_id, self.run_id = progress, job, model_id, run_id
+        self.wave_size, self.interval_s = wave_size, interval_s
+        self.ready: list[CompletedShard] = []
+        self.last_commit = time.time()
+        self.waves = 0
+
+    def add(self, shard: CompletedShard) -> None:
+        self.ready.append(shard)
+
+    def due(self) -> bool:
+        return len(self.ready) >= self.wave_size or (
+            bool(self.ready) and time.time() - self.last_commit >= self.interval_s
+        )
+
+    def flush(self) -> None:
+        if not self.ready:
+            return
+        wave, self.ready = self.ready, []
+        table = _output(self.job, self.model_id, [s.rows for s in wave])
+        info = {**file_summary(table, [s.uri for s in wave]), "run": self.run_id,
+                "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
+        name = f"part-{self.run_id}-{self.waves:05d}.parquet"
+        self.waves += 1
+        _failpoint("before-data")
+        size = self.progress.sink.write(name, table, info)  # the commit
+        _failpoint("after-data")
+        self.progress.write_commit(name, {**info, "size": size})
+        _failpoint("after-commit")
+        self.shards_committed += len(wave)
+        self.last_commit = time.time()
+
+
+class _RetryWriter(_Writer):
+    """--retry-failed: each retried shard's new rows replace its error rows, in the data file that
+    holds the shard, which is republished whole under its own name."""
+
+    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, run_id: str,
+                 targets: dict[str, str], manifests: dict[str, dict], shards: list[Shard]):
+        self.progress, self.job, self.model_id, self.run_id = progress, job, model_id, run_id
+        self.targets, self.manifests = targets, manifests
+        self.by_uri = {s.uri: s for s in shards}
+        self.ready: dict[str, list[CompletedShard]] = defaultdict(list)
+
+    def add(self, shard: CompletedShard) -> None:
+        self.ready[self.targets[shard.uri]].append(shard)
+
+    def due(self) -> bool:
+        return False  # one rewrite per file, at the end
+
+    def flush(self) -> None:
+        sink = self.progress.sink
+        for name, shards in self.ready.items():
+            old = sink.read(name)
+            retried = {s.uri for s in shards}
+            shard_of = _source_to_shard(self.manifests[name]["shards"], old["source"].to_pylist(), self.by_uri)
+            keep = [not (err is not None and shard_of[i] in retried) for i, err in enumerate(old["error"].to_pylist())]
+            new = _output(self.job, self.model_id, [s.rows for s in shards])
+            table = pa.concat_tables([old.filter(pa.array(keep)), new], promote_options="permissive")
+            table = table.replace_schema_metadata(None)
+            info = {**file_summary(table, self.manifests[name]["shards"]), "run": self.run_id,
+                    "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
+            size = sink.write(name, table, info)  # replaces the old file in one step
+            self.progress.write_commit(name, {**info, "size": size})
+            self.shards_committed += len(shards)
+        self.ready.clear()
+
+
+def _retry_tasks(
+    progress: JobProgress, manifests: dict[str, dict], shards: list[Shard]
+) -> tuple[list[ShardTask], dict[str, str]]:
+    """Tasks for every committed shard with error rows (its good keys skipped), and the data file
+    holding each of those shards."""
+    by_uri = {s.uri: s for s in shards}
+    tasks, targets = [], {}
+    for name, manifest in sorted(manifests.items()):
+        if not manifest.get("sources_with_errors"):
+            continue
+        table = progress.sink.read(name, columns=["key", "source", "error"])
+        shard_of = _source_to_shard(manifest["shards"], table["source"].to_pylist(), by_uri)
+        errors = table["error"].to_pylist()
+        failed_shards = {shard_of[i] for i, e in enumerate(errors) if e is not None}
+        for uri in sorted(failed_shards & by_uri.keys()):
+            ok = {k for i, (k, e) in enumerate(zip(table["key"].to_pylist(), errors)) if e is None and shard_of[i] == uri}
+            tasks.append(ShardTask(by_uri[uri], frozenset(ok)))
+            targets[uri] = name
+    return tasks, targets
+
+
+def _source_to_shard(file_shards: list[str], sources: list[str], by_uri: dict[str, Shard]) -> list[str]:
+    """The shard of each row: its source, or for image folders the shard that lists the file."""
+    owner = {f: uri for uri in file_shards if uri in by_uri for f in by_uri[uri].files}
+    return [owner.get(s, s) for s in sources]
+
+
+def _output(job: CaptionJob, model_id: str, parts: list[pa.Table]) -> pa.Table:
+    rows = pa.concat_tables(parts)
+    return output_table(rows, model_id, job.generation.num_return_sequences > 1, job.output.include_image)
+
+
+def _wave_size(job: CaptionJob, shards: int) -> int:
+    """Shards per commit: as set, else a few waves per worker, capped so that a kill loses little."""
+    if job.compute.shards_per_wave:
+        return job.compute.shards_per_wave
+    return max(1, min(16, shards // (4 * job.compute.workers)))
+
+
+def _speed(counts: Counter, first_result: float | None) -> float | None:
+    """Images/s since the first result arrived: start-up (Ray, model loading) is not in it."""
+    elapsed = time.time() - first_result if first_result else 0
+    return (counts["images"] - counts["startup_images"]) / elapsed if elapsed > 0.5 else None
+
+
+def _summary(job, run_id, shards, manifests, committed, counts, started, first_result) -> RunSummary:
+    done = {s for m in manifests.values() for s in m["shards"]}
+    errors: Counter = Counter()
+    for m in manifests.values():
+        errors.update(m.get("errors", {}))
+    return RunSummary(
+        output=job.output.path,
+        run_id=run_id,
+        shards_total=len(shards),
+        shards_done=len(done),
+        shards_this_run=committed,
+        images_ok=sum(m["ok"] for m in manifests.values()),
+        images_failed=sum(m["failed"] for m in manifests.values()),
+        images_this_run=counts["images"],
+        errors=dict(errors),
+        failed_sources=[f for m in manifests.values() for f in m.get("failed_sources", [])],
+        elapsed_s=time.time() - started,
+        startup_s=(first_result - started) if first_result else None,
+        images_per_s=_speed(counts, first_result),
+    )
+
+
+_failpoint_hits: Counter = Counter()
+
+
+def _failpoint(name: str) -> None:
+    """Crash here, as a power cut would, when the test environment asks for it."""
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _failpoint_hits[name] += 1
+    if _failpoint_hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
