@@ -431,6 +431,10 @@ def _read_webdataset(uri: str, options: dict) -> Iterator[Record]:
                 value = _read_member(tar, member, ext)
                 if value is not None:
                     yield from samples.add(key, ext, value)
+            # Stream mode ends quietly when the file stops inside (or right before) a header; a
+            # whole tar ends with a zero block, which the stream has then read in full.
+            if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"unexpected end of data: the tar stops at byte {tar.fileobj.pos} without its end-of-archive block")
     except Exception as err:  # noqa: BLE001  (tarfile, gzip, zlib and the storage all raise their own)
         _raise_if_storage_failed(err, fs, uri)
         problem = f"{type(err).__name__}: {err}"
