@@ -1,0 +1,28 @@
+"""The captioning pipeline, in the order data flows:
+
+    sources   list input shards at any fsspec URL; stream each one's records
+    decode    image bytes -> an 8-bit PIL image, or a reason code
+    stages    read + decode + crop to uint8, one shard per CPU task (Ray Data map_batches)
+    captioner the GIT actor: normalise on its device, generate, decode text
+    sink      captioned rows -> Parquet data files, published atomically (the commit)
+    progress  manifests, run records and status beside the output
+    runner    run_caption_job: the stages on Ray Data, waves of commits, exactly-once resume
+
+`job` holds the CaptionJob contract; `scenes` makes synthetic captioned test data.
+"""
+
+from pipeline.job import CaptionJob, JobConfigError
+from pipeline.progress import JobMismatchError, JobStatus, NoJobError, job_status
+from pipeline.runner import ProgressUpdate, RunSummary, run_caption_job
+
+__all__ = [
+    "CaptionJob",
+    "JobConfigError",
+    "JobMismatchError",
+    "JobStatus",
+    "NoJobError",
+    "ProgressUpdate",
+    "RunSummary",
+    "job_status",
+    "run_caption_job",
+]

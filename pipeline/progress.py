@@ -1,11 +1,16 @@
 """Progress beside the output, in the same storage: what the job is, what is done, how fast.
 
-    OUTPUT/part-*.parquet            committed data (see pipeline.sink): the truth
-    OUTPUT/_progress/job.json        the job's decisive settings and fingerprint, shard count
-    OUTPUT/_progress/shards.json.gz  the shard list, fixed when the job first ran
-    OUTPUT/_progress/commits/*.json  one manifest per data file: its shards and counts (an index)
-    OUTPUT/_progress/runs/*.json     one record per run: start, last update, throughput
-    OUTPUT/_SUCCESS                  written once every shard is committed
+    OUTPUT/part-*.parquet          committed data (see pipeline.sink): the truth
+    OUTPUT/.gitcap/job.json        the job's decisive settings and fingerprint, shard count
+    OUTPUT/.gitcap/shards.json.gz  the shard list, fixed when the job first ran
+    OUTPUT/.gitcap/commits/*.json  one manifest per data file: its shards and counts (an index)
+    OUTPUT/.gitcap/runs/*.json     one record per run: start, last update, throughput
+    OUTPUT/.gitcap/complete.json   written once every shard is committed
+    OUTPUT/.gitcap/attempts/       local files being written, renamed into place when whole
+
+The folder is hidden (a leading dot) because that is the one name every reader skips: pyarrow
+and pandas skip `.` and `_`, Hugging Face `datasets` only `.`; a Spark-style `_SUCCESS` would be
+read by `datasets` as a data file.
 
 Every file here is written whole or not at all (`storage.Folder.publish`). Manifests are an index
 of the data files, written right after each one lands; `reconcile` rebuilds any that a crash left
@@ -30,12 +35,12 @@ from pipeline.sink import ParquetSink
 from pipeline.sources import Shard
 from pipeline.storage import Folder
 
-PROGRESS = "_progress"
+PROGRESS = ".gitcap"
 JOB_FILE = f"{PROGRESS}/job.json"
 PLAN_FILE = f"{PROGRESS}/shards.json.gz"
 COMMITS = f"{PROGRESS}/commits"
 RUNS = f"{PROGRESS}/runs"
-SUCCESS_FILE = "_SUCCESS"
+SUCCESS_FILE = f"{PROGRESS}/complete.json"
 
 
 class JobMismatchError(ValueError):
@@ -51,7 +56,7 @@ def commit_name(data_file: str) -> str:
 
 
 class JobProgress:
-    """Reads and writes the `_progress/` files of one output folder."""
+    """Reads and writes the `.gitcap/` files of one output folder."""
 
     def __init__(self, folder: Folder):
         self.folder = folder
@@ -65,19 +70,24 @@ class JobProgress:
         except FileNotFoundError:
             return None
 
+    def check(self, job: CaptionJob) -> dict[str, Any] | None:
+        """The stored job record; `JobMismatchError` if it has other decisive settings than `job`
+        and data is committed (a resume would mix captions made two ways)."""
+        record = self.job_record()
+        if record is not None and record["fingerprint"] != job.fingerprint() and self.sink.data_files():
+            changes = "; ".join(_differences(record.get("settings", {}), job.decisive_settings()))
+            raise JobMismatchError(
+                f"{self.folder.uri('')} holds output of a job with other settings ({changes or 'fingerprint differs'}). "
+                "Resuming would mix captions made two ways: rerun with the original settings, "
+                "or set a new output.path for the new settings."
+            )
+        return record
+
     def start(self, job: CaptionJob, list_plan: Callable[[], list[Shard]], model_id: str) -> tuple[dict, list[Shard]]:
         """The job record and shard list: the stored ones when the same job ran here before (a
         resume), else new ones. Refuses a job with other decisive settings once data is committed."""
-        record = self.job_record()
-        settings = job.decisive_settings()
+        record = self.check(job)
         if record is not None and record["fingerprint"] != job.fingerprint():
-            if self.sink.data_files():
-                changes = "; ".join(_differences(record.get("settings", {}), settings)) or "fingerprint differs"
-                raise JobMismatchError(
-                    f"{self.folder.uri('')} holds output of a job with other settings ({changes}). "
-                    "Resuming would mix captions made two ways: rerun with the original settings, "
-                    "or set a new output.path for the new settings."
-                )
             record = None  # nothing committed yet: the new settings simply replace the old
         if record is not None:
             shards = [Shard(s["uri"], s["format"], tuple(s.get("files", ()))) for s in self._read_plan()]
@@ -87,7 +97,7 @@ class JobProgress:
         self.folder.write_bytes(PLAN_FILE, gzip.compress(json.dumps(plan).encode()))
         record = {
             "fingerprint": job.fingerprint(),
-            "settings": settings,
+            "settings": job.decisive_settings(),
             "model": model_id,
             "output": self.folder.uri(""),
             "shards": len(shards),

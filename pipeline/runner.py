@@ -8,7 +8,7 @@ and backpressure); the driver collects the captioned rows, assembles them per sh
 finished shards in *waves*: every `shards_per_wave` finished shards (or `commit_interval_s`), one
 Parquet file holding exactly those shards is published atomically under a name no other attempt
 uses. That publication is the commit. Then a manifest (the index `gitcap status` reads) is
-written beside it in `_progress/`.
+written beside it in `.gitcap/`.
 
 Why this protocol, and not Ray Data's `write_parquet` or its `CheckpointConfig`:
 - `write_parquet` writes straight to final names, fresh per execution: a rerun after a crash
@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 from gitmodel.image_processing import GitImageProcessor
 from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
 from pipeline.job import CaptionJob
-from pipeline.progress import JobProgress, new_run_record
+from pipeline.progress import SUCCESS_FILE, JobProgress, new_run_record
 from pipeline.sink import output_table, file_summary
 from pipeline.sources import Shard, list_shards
 from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
@@ -150,13 +150,13 @@ def run_caption_job(
             for shard in assembler.add(block):
                 if shard.storage_error:
                     storage_failed[shard.uri] = shard.storage_error
-                else:
-                    writer.add(shard)
-            if writer.due():
-                writer.flush()
-                run.update(shards_committed=writer.shards_committed, images=counts["images"],
-                           startup_s=first_result - started, images_per_s=_speed(counts, first_result))
-                progress.write_run(run)
+                    continue
+                writer.add(shard)
+                if writer.due():
+                    writer.flush()
+                    run.update(shards_committed=writer.shards_committed, images=counts["images"],
+                               startup_s=first_result - started, images_per_s=_speed(counts, first_result))
+                    progress.write_run(run)
             if progress_callback:
                 progress_callback(ProgressUpdate(
                     shards_total=len(shards), shards_done=done_before + writer.shards_committed,
@@ -177,7 +177,7 @@ def run_caption_job(
                images=counts["images"], images_per_s=summary.images_per_s, startup_s=summary.startup_s)
     if tasks:
         progress.write_run(run)
-    if summary.complete and not progress.folder.exists("_SUCCESS"):
+    if summary.complete and not progress.folder.exists(SUCCESS_FILE):
         progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
     return summary
 

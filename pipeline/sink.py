@@ -3,7 +3,7 @@
 A data file holds whole shards, and landing it is the commit: it is published atomically
 (`storage.Folder.publish`), and its footer records which shards it holds (`gitcap` key-value
 metadata). So the set of `*.parquet` files in the folder *is* the committed output, which is what
-pandas, pyarrow, DuckDB and Hugging Face `datasets` read; bookkeeping lives under `_progress/`.
+pandas, pyarrow, DuckDB and Hugging Face `datasets` read; bookkeeping lives in the hidden `.gitcap/`.
 
 Columns: key, source, caption, score (mean token log-prob), error ("reason: message", null on
 success), width, height (original, upright), model; with num_return_sequences > 1 also captions

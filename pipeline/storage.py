@@ -6,10 +6,8 @@ Everything the pipeline publishes (data files, progress manifests) goes through 
   PUT over an existing key replaces it whole; so the bytes are uploaded straight to their name,
   and a failed upload is aborted, never completed;
 - a local filesystem has no such guarantee (a reader can see a half-written file), so the file is
-  written under `_attempts/` on the same filesystem and renamed into place (`os.replace` is atomic).
-
-Names starting with `_` or `.` are the pipeline's bookkeeping: pyarrow, pandas and DuckDB globs
-skip them, so readers of the folder only ever see published data files.
+  written under `.gitcap/attempts/` on the same filesystem, with a `.tmp` suffix no glob for data
+  files matches, and renamed into place (`os.replace` is atomic).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.core import url_to_fs
 
-ATTEMPTS = "_attempts"  # local staging for files about to be renamed into place
+ATTEMPTS = ".gitcap/attempts"  # local staging for files about to be renamed into place
 
 
 class Folder:
@@ -94,7 +92,7 @@ class Folder:
     def publish(self, name: str) -> Iterator[BinaryIO]:
         """Write `name` so that readers see the old file (or none) until the new one is whole."""
         if self.is_local:
-            staging = self.path(f"{ATTEMPTS}/{uuid.uuid4().hex}-{posixpath.basename(name)}")
+            staging = self.path(f"{ATTEMPTS}/{uuid.uuid4().hex}-{posixpath.basename(name)}.tmp")
             os.makedirs(posixpath.dirname(staging), exist_ok=True)
             os.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
             try:
@@ -132,7 +130,7 @@ class Folder:
             pass
 
     def clear_attempts(self) -> int:
-        """Delete what interrupted local writes left in `_attempts/`; returns how many files."""
+        """Delete what interrupted local writes left in the staging folder; returns how many files."""
         if not self.is_local or not os.path.isdir(self.path(ATTEMPTS)):
             return 0
         leftovers = os.listdir(self.path(ATTEMPTS))

@@ -1,0 +1,86 @@
+"""What `gitcap run` and `gitcap demo` share: a Ray session, a live progress line, the summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pipeline.runner import ProgressUpdate, RunSummary
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to the cluster at `address`, or start a private local Ray for this process only."""
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    if address:
+        import gitmodel
+        import pipeline
+
+        # The cluster may not have gitcap installed: ship the two packages its workers import.
+        ray.init(address=address, runtime_env={"py_modules": [pipeline, gitmodel]}, logging_level="WARNING")
+    else:
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING"
+        )
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # start/finish notices; errors still show
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours is one line; Ray's are one per operator
+    context.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class ProgressLine:
+    """A tqdm bar over shards with images, failures and speed: the `progress_callback` of a run."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=update.shards_total, unit="shard", dynamic_ncols=True, file=sys.stderr)
+        self.bar.n = update.shards_done
+        speed = f"{update.images_per_s:.1f}" if update.images_per_s else "-"
+        self.bar.set_postfix_str(f"{update.images} images, {update.failed} failed, {speed} img/s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [
+        f"{summary.shards_done}/{summary.shards_total} shards committed "
+        f"({summary.shards_this_run} this run) to {summary.output}",
+        f"images: {summary.images_ok} ok, {summary.images_failed} failed in the output; "
+        f"{summary.images_this_run} processed this run",
+    ]
+    if summary.images_per_s:
+        lines.append(
+            f"speed: {summary.images_per_s:.1f} images/s after {summary.startup_s:.1f} s start-up; "
+            f"{summary.elapsed_s:.1f} s in all"
+        )
+    if summary.errors:
+        lines.append("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors.items())))
+    for failed in summary.failed_sources[:10]:
+        lines.append(f"failed source: {failed['shard']}: {failed['error']}")
+    if len(summary.failed_sources) > 10:
+        lines.append(f"... and {len(summary.failed_sources) - 10} more failed sources")
+    lines += summary.notes
+    if summary.exit_code:
+        what = "some sources failed" if summary.failed_sources else "the job is not complete"
+        lines.append(f"exit status {summary.exit_code}: {what}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Job specs: a YAML file, `--set a.b=value` overrides, and the checks that run before any model loads.
+
+    input:      {path, format, storage_options, image_column, images_per_shard}
+    model:      {path (default: the bundled model), storage_options, dtype, compile}
+    generation: {max_new_tokens: 20, num_beams: 1, do_sample: false, num_return_sequences: 1,
+                 prompt: null, seed: 0, temperature, top_k, top_p, length_penalty}
+    output:     {path, storage_options, include_image}
+    compute:    {batch_size: 32, workers: 1, gpus_per_worker: 0, cpus_per_worker: 1,
+                 preprocess_workers, shards_per_wave}
+
+Override values are YAML, so `--set generation.num_beams=3` is an integer and
+`--set generation.prompt=null` clears the prompt. Every failure is one `JobConfigError` whose
+message starts with the field at fault: a wrong type or unknown key (from `CaptionJob.from_dict`),
+an input that lists nothing or cannot be read, an output location that refuses a write, a model
+path with no checkpoint.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from pipeline.job import CaptionJob, JobConfigError
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> CaptionJob:
+    """Read a YAML job spec, apply `KEY=VALUE` overrides, and validate it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as err:
+        raise JobConfigError("job", f"cannot read the job spec {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise JobConfigError("job", f"{path} is not valid YAML: {err}") from None
+    return spec_from_dict(values if values is not None else {}, overrides, source=path)
+
+
+def spec_from_dict(values: Any, overrides: list[str] | tuple[str, ...] = (), source: str = "job") -> CaptionJob:
+    if not isinstance(values, dict):
+        raise JobConfigError("job", f"{source}: expected a mapping of sections (input, output, ...), got {type(values).__name__}")
+    for override in overrides:
+        apply_override(values, override)
+    return CaptionJob.from_dict(values)
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """`generation.num_beams=3` sets values["generation"]["num_beams"] = 3 (the value is YAML)."""
+    name, sep, raw = override.partition("=")
+    name = name.strip()
+    if not sep or not name or any(not part for part in name.split(".")):
+        raise JobConfigError(override or "--set", "expected KEY=VALUE with a dotted key, e.g. generation.num_beams=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise JobConfigError(name, f"the value {raw!r} is not valid YAML: {err}") from None
+    *parents, leaf = name.split(".")
+    node = values
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise JobConfigError(".".join(parents[: depth + 1]), f"is {child!r}, not a section, so {name} cannot be set")
+        node = child
+    node[leaf] = value
+
+
+@dataclass
+class PreflightReport:
+    shards: int
+    model_path: str
+    model_id: str
+
+
+def preflight(job: CaptionJob) -> PreflightReport:
+    """Check, before any cluster starts or model loads, that the job can run: the input lists and
+    its first object reads, the output location accepts a write and a delete (and holds no
+    progress of a job with other settings), the model resolves."""
+    from pipeline.progress import JobProgress
+    from pipeline.sources import SourceError, list_shards
+
+    try:
+        shards = list_shards(job.input.path, job.input.format, job.input.storage_options, job.input.images_per_shard)
+    except SourceError as err:
+        raise JobConfigError("input.path", str(err)) from None
+    _read_first_bytes(shards[0], job.input.storage_options)
+    folder = _check_output(job.output.path, job.output.storage_options)
+    JobProgress(folder).check(job)  # a rerun with other settings is refused here, not after Ray starts
+    model_path, model_id = _check_model(job)
+    return PreflightReport(shards=len(shards), model_path=model_path, model_id=model_id)
+
+
+def _read_first_bytes(shard, storage_options: dict[str, Any]) -> None:
+    from fsspec.core import url_to_fs
+
+    url = shard.files[0] if shard.files else shard.uri
+    try:
+        fs, path = url_to_fs(url, **storage_options)
+        with fs.open(path, "rb") as f:
+            f.read(1)
+    except Exception as err:  # noqa: BLE001  (each storage raises its own)
+        raise JobConfigError("input.path", f"cannot read {url}: {type(err).__name__}: {err}") from None
+
+
+def _check_output(url: str, storage_options: dict[str, Any]):
+    from pipeline.storage import Folder
+
+    probe = f".gitcap/preflight-{uuid.uuid4().hex[:8]}"
+    try:
+        folder = Folder(url, storage_options)
+        folder.write_bytes(probe, b"gitcap preflight\n")
+        folder.delete(probe)
+    except Exception as err:  # noqa: BLE001
+        raise JobConfigError("output.path", f"cannot write to {url}: {type(err).__name__}: {err}") from None
+    return folder
+
+
+def _check_model(job: CaptionJob) -> tuple[str, str]:
+    from gitmodel.hub import CheckpointFolder
+    from pipeline.captioner import resolve_model
+
+    try:
+        path, model_id = resolve_model(job.model.path)
+    except FileNotFoundError as err:
+        raise JobConfigError("model.path", str(err).removeprefix("model.path: ")) from None
+    try:
+        folder = CheckpointFolder(path, job.model.storage_options)
+        missing = [name for name in ("config.json",) if not folder.exists(name)]
+        if not (folder.exists("preprocessor_config.json") or folder.exists("processor_config.json")):
+            missing.append("preprocessor_config.json")
+    except Exception as err:  # noqa: BLE001
+        raise JobConfigError("model.path", f"cannot open {path}: {type(err).__name__}: {err}") from None
+    if missing:
+        raise JobConfigError("model.path", f"{path} is not a GIT checkpoint folder (no {' or '.join(missing)})")
+    return path, model_id
