@@ -1,5 +1,6 @@
 """GIT (Generative Image-to-text Transformer) in plain PyTorch, loading the Hugging Face checkpoints."""
 
+from gitmodel.bundled_model import bundled_model_path
 from gitmodel.checkpoint import CheckpointError
 from gitmodel.config import GenerationConfig, GitConfig, GitVisionConfig
 from gitmodel.generation import GenerateOutput
@@ -21,4 +22,5 @@ __all__ = [
     "GitTokenizer",
     "GitVisionConfig",
     "GitVisionModel",
+    "bundled_model_path",
 ]

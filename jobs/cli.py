@@ -193,9 +193,116 @@ def demo_command(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+# --- gitcap finetune -------------------------------------------------------------------------
+
+
+def add_finetune_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune GIT on image-caption pairs (or train a fresh model from a config)",
+        description=(
+            "Train GIT on image-caption pairs read like a captioning job's input: WebDataset shards "
+            "(caption in KEY.txt), Parquet (a caption or text column) or image folders (KEY.txt beside "
+            "KEY.jpg). Writes checkpoint-STEP folders to OUT while training, resumes from the last one, "
+            "and leaves the final model in OUT in the Hugging Face layout."
+        ),
+    )
+    parser.add_argument("input", metavar="INPUT", nargs="+", help="training data: shards, folders, globs or URLs")
+    parser.add_argument("--out", required=True, help="output folder (or URL) for checkpoints and the final model")
+    parser.add_argument("--format", choices=["webdataset", "parquet", "images"], default="webdataset")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--model", help="checkpoint to start from (default: the bundled model)")
+    start.add_argument("--config", help="config.json of a fresh model to train from scratch")
+    parser.add_argument("--processor", help="processor (tokenizer + image processor) folder; default: the model's")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary for a fresh tokenizer")
+    parser.add_argument("--eval-input", nargs="+", help="held-out data (default: a hashed share of INPUT)")
+    parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of INPUT held out (default 0.05)")
+    parser.add_argument("--max-eval", type=int, default=500, help="at most this many held-out pairs")
+    parser.add_argument("--caption-field", help="WebDataset member / Parquet column / sidecar extension")
+    parser.add_argument("--image-column", help="Parquet image column (default: found by type)")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: at the end only)")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: at the end only)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if OUT holds checkpoints")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.set_defaults(run=finetune_command)
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    from gitmodel.training import TrainingArguments
+    from jobs.finetune import finetune
+
+    _set_threads(args.threads)
+    training = TrainingArguments(
+        output_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        warmup_steps=args.warmup_steps, lr_schedule=args.schedule, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed, resume=not args.no_resume,
+    )
+    metrics = finetune(
+        args.input, training, format=args.format, eval_input=args.eval_input, eval_fraction=args.eval_fraction,
+        max_eval=args.max_eval, model=args.model, config=args.config, processor=args.processor,
+        vocab_size=args.vocab_size, caption_field=args.caption_field, image_column=args.image_column,
+    )
+    summary = {k: v for k, v in metrics.items() if k != "mistakes"}
+    print(f"wrote the model to {args.out}: {summary}")
+    return 0
+
+
+# --- gitcap train-bundled --------------------------------------------------------------------
+
+
+def add_train_bundled_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-bundled",
+        help="train the bundled tiny scene captioner from scratch (the one command that made it)",
+        description=(
+            "Write synthetic scenes, train a WordPiece tokenizer and a fresh tiny GIT on them with the "
+            "fine-tuning code, test it on unseen scenes and write it, with its model card, to OUT."
+        ),
+    )
+    parser.add_argument("--out", required=True, help="folder for the model, e.g. gitmodel/bundled")
+    parser.add_argument("--work-dir", help="scenes and checkpoints (default: a new temporary folder); rerun to resume")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.set_defaults(run=train_bundled_command)
+
+
+def train_bundled_command(args: argparse.Namespace) -> int:
+    from jobs.finetune import train_bundled
+
+    _set_threads(args.threads)
+    result = train_bundled(args.out, args.work_dir)
+    print(
+        f"wrote the bundled model to {args.out} in {result['seconds'] / 60:.1f} min: "
+        f"test exact match {result['test']['exact_match']:.1%}"
+    )
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_scenes_parser, add_run_parser, add_status_parser, add_demo_parser]
+SUBCOMMANDS = [
+    add_scenes_parser,
+    add_run_parser,
+    add_status_parser,
+    add_demo_parser,
+    add_finetune_parser,
+    add_train_bundled_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

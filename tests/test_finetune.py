@@ -1,0 +1,255 @@
+"""Fine-tuning: pairs from every input format, GIT's loss recipe, checkpoints in the official layout,
+exact resume, fresh and pretrained starting points, and the `gitcap finetune` command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from gitmodel import GitConfig, GitForCausalLM, GitProcessor, GitVisionConfig
+from gitmodel.training import (
+    IGNORE_INDEX,
+    CaptionDataset,
+    Trainer,
+    TrainingArguments,
+    batch_indices,
+    latest_checkpoint,
+    learning_rate_factor,
+)
+from jobs.cli import main
+from jobs.finetune import held_out, read_pairs, starting_point
+from pipeline.scenes import make_scene, write_scenes
+
+OFFICIAL_FILES = {
+    "config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+}
+SCENES = 24
+
+
+def tiny_config(dropout: float = 0.1) -> GitConfig:
+    vision = GitVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return GitConfig(
+        vision_config=vision, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+
+
+@pytest.fixture(scope="module")
+def scenes_dir(tmp_path_factory):
+    """The same 24 scenes (32x32) in every input format."""
+    root = tmp_path_factory.mktemp("scenes")
+    for format in ("webdataset", "parquet", "images"):
+        write_scenes(str(root / format), count=SCENES, seed=5, format=format, shard_size=10, size=(32, 32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(scenes_dir):
+    """A fresh tiny model with a WordPiece tokenizer trained on the scene captions, and its datasets."""
+    pairs = list(read_pairs(str(scenes_dir / "webdataset"), "webdataset"))
+    model, processor = starting_point(config=tiny_config(), captions=[p.caption for p in pairs], vocab_size=80)
+    data = CaptionDataset.build(processor, ((p.image, p.caption) for p in pairs))
+    return model, processor, data
+
+
+def args_for(path, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(path), max_steps=8, batch_size=6, learning_rate=3e-3, warmup_steps=2,
+        eval_every=4, save_every=4, eval_batch_size=12, progress=False,
+    )
+    return TrainingArguments(**{**values, **overrides})
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["webdataset", "parquet", "images"])
+def test_read_pairs_finds_each_formats_captions(scenes_dir, format):
+    pairs = list(read_pairs(str(scenes_dir / format), format))
+    truth = {make_scene(5, i, size=(32, 32)).caption for i in range(SCENES)}
+    assert len(pairs) == SCENES
+    assert {p.caption for p in pairs} == truth
+    assert all(p.image[:2] == b"\xff\xd8" for p in pairs)  # JPEG bytes, not decoded yet
+
+
+def test_held_out_split_is_a_fixed_function_of_the_key():
+    keys = [f"shard/{i:06d}" for i in range(2000)]
+    chosen = [k for k in keys if held_out(k, 0.1)]
+    assert chosen == [k for k in keys if held_out(k, 0.1)]
+    assert 150 < len(chosen) < 250
+    assert set(chosen) <= {k for k in keys if held_out(k, 0.2)}
+
+
+def test_batch_labels_are_the_input_ids_with_padding_ignored(tiny_parts):
+    _, processor, data = tiny_parts
+    lengths = [len(row) for row in data.token_ids]
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    assert min(lengths) < max(lengths)
+    batch = data.batch([short, long], processor)
+    tokenizer = processor.tokenizer
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"][:, 0].tolist() == [tokenizer.cls_token_id] * 2
+    assert batch["input_ids"][0, min(lengths) - 1] == tokenizer.sep_token_id  # [CLS] caption [SEP], right-padded
+    padded = batch["attention_mask"] == 0
+    assert padded[0].sum() == max(lengths) - min(lengths) and not padded[1].any()
+    assert (batch["labels"][padded] == IGNORE_INDEX).all()
+    assert torch.equal(batch["labels"][~padded], batch["input_ids"][~padded])
+    # The model's loss is then over real caption tokens only: padding changes nothing.
+    model = tiny_parts[0].eval()
+    alone = data.batch([short], processor)
+    with torch.no_grad():
+        padded_logits = model(**batch).logits[0, : -(max(lengths) - min(lengths))]
+        assert torch.allclose(padded_logits, model(**alone).logits[0], atol=1e-5)
+
+
+def test_batches_depend_on_seed_and_step_only():
+    assert batch_indices(10, 4, seed=0, step=2) == batch_indices(10, 4, seed=0, step=2)
+    epoch = [i for step in range(5) for i in batch_indices(10, 4, seed=0, step=step)]
+    assert sorted(epoch[:10]) == list(range(10)) and sorted(epoch[10:20]) == list(range(10))
+    assert epoch[:10] != epoch[10:20]  # a new order each epoch
+    assert batch_indices(10, 4, seed=1, step=0) != batch_indices(10, 4, seed=0, step=0)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    args = TrainingArguments(output_dir="unused", max_steps=10, warmup_steps=2)
+    factors = [learning_rate_factor(step, args) for step in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:])) and factors[-1] < 0.05
+    linear = TrainingArguments(output_dir="unused", max_steps=10, lr_schedule="linear")
+    assert learning_rate_factor(5, linear) == pytest.approx(0.5)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("format", ["webdataset", "parquet", "images"])
+def test_finetune_from_each_format_lowers_the_loss_and_writes_the_official_layout(scenes_dir, tmp_path, format):
+    from jobs.finetune import finetune
+
+    args = args_for(tmp_path / "out", max_steps=40, eval_every=20, save_every=20, learning_rate=5e-3)
+    metrics = finetune(
+        str(scenes_dir / format), args, format=format, eval_fraction=0.25, config=tiny_config(0.0), vocab_size=80,
+        log=lambda *_: None,
+    )
+    state = json.loads((tmp_path / "out" / "checkpoint-40" / "trainer_state.json").read_text())
+    first, last = state["log"][0], state["log"][-1]
+    assert (first["step"], last["step"]) == (20, 40)
+    assert last["eval_loss"] < first["eval_loss"] < 3.0  # from ln(vocab) ~ 4.3 at the start
+    assert 0 < metrics["eval_examples"] < SCENES and metrics["token_accuracy"] > 0.3
+    assert OFFICIAL_FILES <= set(os.listdir(tmp_path / "out"))
+    assert sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("checkpoint-")) == [
+        "checkpoint-20", "checkpoint-40"
+    ]
+
+
+def test_resume_continues_exactly_where_the_interrupted_run_stopped(tiny_parts, tmp_path, monkeypatch):
+    config = tiny_config(dropout=0.1)  # dropout: the RNG state must be restored too
+    _, processor, data = tiny_parts
+    fresh = lambda: starting_point(config=config, processor=processor, seed=3)[0]  # noqa: E731
+
+    whole = Trainer(fresh(), processor, data, data, args_for(tmp_path / "whole"))
+    whole.train()
+
+    interrupted = Trainer(fresh(), processor, data, data, args_for(tmp_path / "resumed"))
+    real_step = Trainer.train_step
+
+    def stop_after_the_checkpoint(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    monkeypatch.undo()
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-4")
+
+    resumed = Trainer(fresh(), processor, data, data, args_for(tmp_path / "resumed"))
+    steps_run = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self: steps_run.append(self.step) or real_step(self))
+    resumed.train()
+    assert steps_run == [4, 5, 6, 7]
+    for (name, mine), theirs in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == whole.optimizer.state_dict()["state"][0]["step"] == 8
+    assert [e["eval_loss"] for e in resumed.log] == [e["eval_loss"] for e in whole.log]
+
+
+def test_a_finished_run_is_not_trained_again(tiny_parts, tmp_path, monkeypatch):
+    model, processor, data = tiny_parts
+    model = starting_point(config=tiny_config(), processor=processor)[0]
+    Trainer(model, processor, data, None, args_for(tmp_path, max_steps=4)).train()
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained again"))
+    assert Trainer(model, processor, data, None, args_for(tmp_path, max_steps=4)).train()["step"] == 4
+
+
+def test_output_loads_with_gitmodel_and_with_transformers(tiny_parts, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, processor, data = tiny_parts
+    model = starting_point(config=tiny_config(), processor=processor)[0]
+    Trainer(model, processor, data, None, args_for(tmp_path, max_steps=4)).train()
+
+    images = [make_scene(9, i, size=(32, 32)).image for i in range(3)]
+    captions = ["a small red star in the top left", "a large blue circle in the center", "a small cross"]
+    ours = GitProcessor.from_pretrained(tmp_path)(images=images, text=captions)
+    theirs = transformers.AutoProcessor.from_pretrained(str(tmp_path))(images=images, text=captions, padding=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+
+    mine = GitForCausalLM.from_pretrained(tmp_path)
+    reference = transformers.GitForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        expected = reference(**{k: theirs[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        assert torch.allclose(mine(**ours).logits, expected, atol=1e-4)
+
+
+def test_finetunes_a_checkpoint_that_transformers_wrote(scenes_dir, tmp_path):
+    from jobs.finetune import finetune
+    from tests.tiny_checkpoint import save_tiny_checkpoint
+    from tests.tiny_processor import TINY_VOCAB, save_tiny_processor
+
+    start = tmp_path / "start"
+    save_tiny_checkpoint(start, vocab_size=len(TINY_VOCAB))
+    save_tiny_processor(start)
+    messages = []
+    metrics = finetune(
+        str(scenes_dir / "parquet"), args_for(tmp_path / "out", max_steps=12, eval_every=6, save_every=0),
+        format="parquet", eval_fraction=0.25, model=str(start), log=messages.append,
+    )
+    log = json.loads((tmp_path / "out" / "checkpoint-12" / "trainer_state.json").read_text())["log"]
+    assert log[-1]["eval_loss"] < log[0]["eval_loss"] and metrics["step"] == 12
+    assert GitForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == len(TINY_VOCAB)
+    assert any("training on" in m for m in messages)
+
+
+def test_a_fresh_model_and_its_tokenizer_share_the_special_ids():
+    model, processor = starting_point(config=tiny_config(), captions=["a red star", "a blue circle"], vocab_size=60)
+    tokenizer = processor.tokenizer
+    assert model.config.vocab_size == len(tokenizer)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+    )
+    assert model.generation_config.bos_token_id == tokenizer.cls_token_id
+    with pytest.raises(ValueError, match="not both"):
+        starting_point(model="somewhere", config=tiny_config())
+
+
+def test_gitcap_finetune_trains_from_a_config(scenes_dir, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(0.0).to_dict()))
+    out = tmp_path / "out"
+    status = main([
+        "finetune", str(scenes_dir / "images"), "--format", "images", "--out", str(out), "--config", str(config),
+        "--vocab-size", "80", "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--eval-fraction", "0.25",
+        "--eval-every", "3", "--save-every", "3",
+    ])
+    assert status == 0
+    assert "wrote the model to" in capsys.readouterr().out
+    assert OFFICIAL_FILES <= set(os.listdir(out))
+    assert json.loads((out / "metrics.json").read_text())["step"] == 6
