@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pipeline.progress import describe_failures
 from pipeline.runner import ProgressUpdate, RunSummary
 
 
@@ -73,12 +74,7 @@ def format_summary(summary: RunSummary) -> str:
             f"speed: {summary.images_per_s:.1f} images/s after {summary.startup_s:.1f} s start-up; "
             f"{summary.elapsed_s:.1f} s in all"
         )
-    if summary.errors:
-        lines.append("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors.items())))
-    for failed in summary.failed_sources[:10]:
-        lines.append(f"failed source: {failed['shard']}: {failed['error']}")
-    if len(summary.failed_sources) > 10:
-        lines.append(f"... and {len(summary.failed_sources) - 10} more failed sources")
+    lines += describe_failures(summary.errors, summary.failed_sources, "errors: ", "failed source: ")
     lines += summary.notes
     if summary.exit_code:
         what = "some sources failed" if summary.failed_sources else "the job is not complete"

@@ -214,12 +214,7 @@ class JobStatus:
             + (", complete" if self.complete else ""),
             f"images   {self.images_ok} ok, {self.images_failed} failed, in {self.data_files} data files",
         ]
-        if self.errors:
-            lines.append("errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())))
-        for failed in self.failed_sources[:10]:
-            lines.append(f"failed   {failed['shard']}: {failed['error']}")
-        if len(self.failed_sources) > 10:
-            lines.append(f"failed   ... and {len(self.failed_sources) - 10} more sources")
+        lines += describe_failures(self.errors, self.failed_sources, "errors   ", "failed   ")
         if self.last_run:
             run = self.last_run
             age = time.time() - run["updated_at"]
@@ -266,6 +261,16 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> Jo
         eta_s=eta,
         settings=record.get("settings", {}),
     )
+
+
+def describe_failures(errors: dict[str, int], failed_sources: list[dict[str, str]], errors_label: str,
+                      source_label: str, limit: int = 10) -> list[str]:
+    """Lines for error counts by reason and for the sources that failed (the first `limit`)."""
+    lines = [errors_label + ", ".join(f"{k}: {v}" for k, v in sorted(errors.items()))] if errors else []
+    lines += [f"{source_label}{f['shard']}: {f['error']}" for f in failed_sources[:limit]]
+    if len(failed_sources) > limit:
+        lines.append(f"{source_label}... and {len(failed_sources) - limit} more")
+    return lines
 
 
 def _duration(seconds: float) -> str:

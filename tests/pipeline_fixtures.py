@@ -7,7 +7,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from pipeline.job import CaptionJob
 from pipeline.scenes import make_scene
+from tests.test_sources import tar_bytes  # noqa: F401  (one tar writer for all tests)
 
 # --- a model ----------------------------------------------------------------------------------
 
@@ -113,16 +113,6 @@ def image_zoo() -> dict[str, tuple[str, bytes, object]]:
         "unsupported": ("jpg", encode(Image.new("RGB", (16, 16)), "EPS"), "unsupported_format"),
         "bomb": ("png", png_header_only(60_000, 60_000), "decompression_bomb"),
     }
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def scene_shard(start: int, count: int) -> bytes:
