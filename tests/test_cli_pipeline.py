@@ -1,0 +1,74 @@
+"""`gitcap run`, `gitcap status` and `gitcap demo` as a user types them: exit statuses, summaries,
+refusals before any cluster starts, and the demo's side-by-side captions."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from tests.pipeline_fixtures import tiny_model, write_scene_shards  # noqa: F401  (fixtures)
+
+
+def spec(tmp_path, model, **extra) -> str:
+    values = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+              "model": {"path": model}, "compute": {"batch_size": 4}, **extra}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_run_status_rerun_and_refusal(tmp_path, tiny_model, capsys):
+    write_scene_shards(tmp_path / "in", shards=2, per_shard=3)
+    (tmp_path / "in" / "00002.tar").write_bytes(b"not a tar" * 100)
+    job = spec(tmp_path, tiny_model)
+
+    assert main(["run", job, "--num-cpus", "2", "--no-progress"]) == 3  # a source failed
+    printed = capsys.readouterr().out
+    assert "3/3 shards committed (3 this run)" in printed
+    assert "images: 6 ok, 0 failed" in printed
+    assert "failed source: " in printed and "00002.tar: shard_unreadable" in printed
+    assert "exit status 3: some sources failed" in printed
+
+    assert main(["status", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "3/3 done" in printed and "6 ok, 0 failed" in printed and "last run" in printed
+    assert main(["status", job, "--json"]) == 0  # the spec names the output
+    status = json.loads(capsys.readouterr().out)
+    assert (status["shards_done"], status["images_ok"], status["complete"]) == (3, 6, True)
+
+    assert main(["run", job, "--set", "generation.num_beams=2"]) == 2  # refused before Ray starts
+    assert "generation.num_beams: 1 -> 2" in capsys.readouterr().err
+
+    assert main(["run", job, "--num-cpus", "2", "--no-progress", "--json"]) == 3
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["shards_this_run"], summary["images_this_run"], summary["shards_done"]) == (0, 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--set", "compute.batch_size=zero"], "compute.batch_size: expected an integer"),
+     (["--set", "input.path=/no/such/shards"], "input.path: /no/such/shards"),
+     (["--set", "model.path=/no/such/model"], "model.path: /no/such/model")],
+)
+def test_invalid_specs_exit_2_naming_the_field(tmp_path, tiny_model, capsys, args, message):
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    assert main(["run", spec(tmp_path, tiny_model), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_status_of_a_folder_without_a_job(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 1
+    assert "no gitcap job here" in capsys.readouterr().err
+
+
+def test_demo_shows_captions_beside_the_truth(tmp_path, tiny_model, capsys):
+    assert main(["demo", "--count", "12", "--out", str(tmp_path / "demo"), "--model", tiny_model,
+                 "--batch-size", "4", "--num-cpus", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "captioning 12 synthetic scenes" in printed
+    assert "truth" in printed.splitlines()[1] and "exact match: " in printed and "/12 = " in printed
+    assert len([line for line in printed.splitlines() if re.match(r"\d{5}/\d{9} ", line)]) == 8

@@ -1,0 +1,202 @@
+"""The pipeline's parts without Ray: the CPU stage, the captioner, shard assembly, output tables,
+and all-or-nothing publishing."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow as pa
+import pytest
+
+from gitmodel.image_processing import GitImageProcessor
+from pipeline import stages
+from pipeline.captioner import Captioner, CaptionerConfig, image_seed
+from pipeline.runner import ShardAssembler
+from pipeline.sink import output_table
+from pipeline.sources import Record, Shard, ShardError
+from pipeline.stages import PreprocessConfig, ShardTask, preprocess_shard
+from pipeline.storage import Folder
+from tests.pipeline_fixtures import image_zoo, scene_jpeg, tar_bytes, tiny_model  # noqa: F401  (fixtures)
+
+
+def preprocess_config(**kwargs) -> PreprocessConfig:
+    processor = GitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return PreprocessConfig(processor=processor.to_dict(), **kwargs)
+
+
+def tar_shard(tmp_path, members) -> Shard:
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes(members))
+    return Shard(str(path), "webdataset")
+
+
+# --- the CPU stage ----------------------------------------------------------------------------
+
+
+def test_a_shard_streams_in_batches_then_its_end_marker(tmp_path):
+    shard = tar_shard(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(5)])
+    batches = list(preprocess_shard(ShardTask(shard), preprocess_config(rows_per_batch=2)))
+
+    assert [b.num_rows for b in batches] == [2, 2, 2]  # the marker rides in the last batch
+    rows = pa.concat_tables(batches).to_pylist()
+    assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4, -1]
+    assert all(len(r["pixels"]) == 32 * 32 * 3 and (r["width"], r["height"]) == (48, 40) for r in rows[:5])
+    assert rows[-1]["marker"] == '{"rows": 5, "storage_error": null}'
+
+
+def test_every_bad_image_is_a_row_with_its_reason(tmp_path):
+    zoo = image_zoo()
+    shard = tar_shard(tmp_path, [(f"{name}.{ext}", data) for name, (ext, data, _) in zoo.items()])
+    rows = {r["key"]: r for r in pa.concat_tables(list(preprocess_shard(ShardTask(shard), preprocess_config()))).to_pylist()}
+    for name, (_, _, expected) in zoo.items():
+        row = rows[f"s/{name}"]
+        if isinstance(expected, str):
+            assert row["error"].startswith(expected) and row["pixels"] is None, name
+        else:
+            assert row["error"] is None and (row["width"], row["height"]) == expected, name
+
+
+def test_retry_skips_keys_already_captioned_but_keeps_their_seq(tmp_path):
+    shard = tar_shard(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(4)])
+    rows = pa.concat_tables(list(preprocess_shard(ShardTask(shard, frozenset({"s/0", "s/2"})), preprocess_config())))
+    assert [(r["key"], r["seq"]) for r in rows.to_pylist()] == [("s/1", 1), ("s/3", 3), ("", -1)]
+    assert '"rows": 2' in rows.to_pylist()[-1]["marker"]
+
+
+def test_a_storage_failure_is_retried_then_reported_on_the_marker(monkeypatch):
+    calls = []
+
+    def failing(shard, options, column):
+        calls.append(1)
+        yield Record("s/0", shard.uri, scene_jpeg(0))
+        raise ShardError("s3://b/s.tar: storage failed (ConnectionError)")
+
+    monkeypatch.setattr(stages, "read_shard", failing)
+    monkeypatch.setattr(stages.time, "sleep", lambda s: None)
+    rows = pa.concat_tables(list(preprocess_shard(ShardTask(Shard("s3://b/s.tar", "webdataset")), preprocess_config())))
+    assert len(calls) == stages.STORAGE_ATTEMPTS
+    assert [r["seq"] for r in rows.to_pylist()] == [0, -1]  # the retries did not repeat record 0
+    assert "storage failed" in rows.to_pylist()[-1]["marker"]
+
+
+def test_shard_damage_keeps_its_counts_in_the_message_not_in_columns():
+    row = stages.preprocess_record(
+        Record("s/__shard__", "x.tar", None, {"samples": 3, "late_members": 0}, "shard_unreadable: ReadError"),
+        7, "x.tar", None, preprocess_config(),
+    )
+    assert row["error"] == "shard_unreadable: ReadError (samples=3, late_members=0)" and "meta" not in row
+
+
+# --- shard assembly on the driver -------------------------------------------------------------
+
+
+def result_rows(shard: str, seqs: list[int], marker_rows: int | None = None) -> pa.Table:
+    rows = [{"shard": shard, "seq": s, "key": f"{shard}/{s}", "marker": None} for s in seqs]
+    if marker_rows is not None:
+        rows.append({"shard": shard, "seq": -1, "key": "", "marker": f'{{"rows": {marker_rows}, "storage_error": null}}'})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("shard", pa.string()), ("seq", pa.int64()),
+                                                        ("key", pa.string()), ("marker", pa.string())]))
+
+
+def test_a_shard_completes_when_its_marker_and_all_its_rows_have_come_in_any_order():
+    assembler = ShardAssembler()
+    assert assembler.add(result_rows("a", [2], marker_rows=3)) == []
+    assert assembler.add(result_rows("b", [0])) == []
+    assert assembler.add(result_rows("a", [0, 2])) == []  # a repeated row (a Ray retry) is dropped
+    (done,) = assembler.add(result_rows("a", [1]))
+    assert done.uri == "a" and sorted(done.rows["seq"].to_pylist()) == [0, 1, 2]
+    assert "marker" not in done.rows.column_names
+    (empty,) = assembler.add(result_rows("c", [], marker_rows=0))
+    assert empty.rows.num_rows == 0
+
+
+# --- the captioner ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model):
+    return Captioner(CaptionerConfig(model_path=tiny_model, generate_kwargs={"max_new_tokens": 5}))
+
+
+def captioner_input(tmp_path, members) -> pa.Table:
+    shard = tar_shard(tmp_path, members)
+    return pa.concat_tables(list(preprocess_shard(ShardTask(shard), preprocess_config())))
+
+
+def test_error_rows_and_markers_pass_the_model_untouched(tmp_path, captioner):
+    batch = captioner_input(tmp_path, [("a.jpg", scene_jpeg(0)), ("b.jpg", b""), ("c.jpg", scene_jpeg(1))])
+    out = captioner(batch).to_pylist()
+    assert [r["key"] for r in out] == ["s/a", "s/b", "s/c", ""]
+    assert isinstance(out[0]["caption"], str) and out[0]["score"] <= 0 and out[0]["error"] is None
+    assert out[1]["caption"] is None and out[1]["error"].startswith("empty")
+    assert out[3]["caption"] is None and out[3]["marker"] is not None
+    assert "pixels" not in captioner(batch).column_names
+
+
+def test_a_batch_that_fails_is_split_until_the_bad_image_is_alone(tmp_path, captioner, monkeypatch):
+    batch = captioner_input(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(4)])
+    real = Captioner.caption
+
+    def fragile(self, crops, keys):
+        if "s/2" in keys:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, crops, keys)
+
+    monkeypatch.setattr(Captioner, "caption", fragile)
+    out = {r["key"]: r for r in captioner(batch).to_pylist()}
+    assert out["s/2"]["error"] == "caption_failed: RuntimeError: CUDA out of memory"
+    assert all(out[f"s/{i}"]["caption"] is not None for i in (0, 1, 3))
+
+
+def test_image_seeds_depend_on_the_job_seed_and_key_alone():
+    assert image_seed(0, "a/1") == image_seed(0, "a/1")
+    assert len({image_seed(0, "a/1"), image_seed(1, "a/1"), image_seed(0, "a/2")}) == 3
+    assert 0 <= image_seed(123, "k") < 2**62
+
+
+# --- output tables ----------------------------------------------------------------------------
+
+
+def test_metadata_columns_keep_their_types_and_never_shadow_ours():
+    metas = [{"caption": "truth", "n": 1, "maybe": None, "mixed": 1}, {"caption": "t2", "n": 2, "maybe": None, "mixed": "x"}]
+    rows = pa.table({
+        "shard": ["s", "s"], "seq": [1, 0], "key": ["k1", "k0"], "source": ["s", "s"], "width": [4, 4],
+        "height": [3, 3], "error": [None, None], "meta": [pickle.dumps(m) for m in metas],
+        "image": pa.array([None, None], pa.binary()), "caption": ["c1", "c0"], "score": pa.array([-1.0, -2.0], pa.float32()),
+    })
+    table = output_table(rows, "model-x", multi=False, include_image=False)
+    assert table.column_names == ["key", "source", "caption", "score", "error", "width", "height", "model",
+                                  "source_caption", "n", "maybe", "mixed"]
+    assert table["key"].to_pylist() == ["k0", "k1"]  # shard, then seq order
+    assert table["source_caption"].to_pylist() == ["t2", "truth"]
+    assert table.schema.field("n").type == pa.int64() and table.schema.field("maybe").type == pa.string()
+    assert table["mixed"].to_pylist() == ['"x"', "1"]
+
+
+# --- publishing -------------------------------------------------------------------------------
+
+
+def publish_then_fail(folder: Folder, name: str) -> None:
+    with pytest.raises(RuntimeError):
+        with folder.publish(name) as f:
+            f.write(b"half of a file")
+            raise RuntimeError("killed mid-write")
+
+
+def test_a_failed_local_write_leaves_the_old_file_or_nothing(tmp_path):
+    folder = Folder(str(tmp_path))
+    publish_then_fail(folder, "a.parquet")
+    assert not (tmp_path / "a.parquet").exists()
+    folder.write_bytes("a.parquet", b"v1")
+    publish_then_fail(folder, "a.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == b"v1"
+    assert not list((tmp_path / ".gitcap" / "attempts").iterdir())
+
+
+def test_a_failed_s3_upload_is_aborted_not_published(s3_server, s3_bucket):
+    folder = Folder(f"s3://{s3_bucket}/out", s3_server.storage_options)
+    publish_then_fail(folder, "a.parquet")
+    assert not s3_server.filesystem().exists(f"{s3_bucket}/out/a.parquet")
+    folder.write_bytes("a.parquet", b"v1")
+    assert folder.list("") == {"a.parquet": 2}
+    assert folder.read_bytes("a.parquet") == b"v1"
