@@ -51,11 +51,12 @@ class ProgressLine:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=update.shards_total, unit="shard", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=update.shards_total, unit="shard", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.5, disable=None)  # None: only on a terminal
         self.bar.n = update.shards_done
         speed = f"{update.images_per_s:.1f}" if update.images_per_s else "-"
         self.bar.set_postfix_str(f"{update.images} images, {update.failed} failed, {speed} img/s", refresh=False)
-        self.bar.refresh()
+        self.bar.update(0)  # redraws at most every mininterval
 
     def close(self) -> None:
         if self.bar is not None:

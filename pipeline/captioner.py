@@ -128,8 +128,10 @@ def resolve_model(path: str | None) -> tuple[str, str]:
         return path, path
     import gitmodel
 
-    find = getattr(gitmodel, "bundled_model_path", None)
-    bundled = find() if find is not None else None
+    try:
+        bundled = gitmodel.bundled_model_path()
+    except (AttributeError, FileNotFoundError):
+        bundled = None
     if bundled is None or not os.path.exists(os.path.join(str(bundled), "config.json")):
         raise FileNotFoundError(
             "model.path: not set, and this install has no bundled model (gitmodel/bundled/ is missing); "

@@ -41,6 +41,7 @@ PLAN_FILE = f"{PROGRESS}/shards.json.gz"
 COMMITS = f"{PROGRESS}/commits"
 RUNS = f"{PROGRESS}/runs"
 SUCCESS_FILE = f"{PROGRESS}/complete.json"
+STALE_RUN_S = 300  # a "running" run record older than this probably belongs to a killed run
 
 
 class JobMismatchError(ValueError):
@@ -219,7 +220,10 @@ class JobStatus:
             run = self.last_run
             age = time.time() - run["updated_at"]
             speed = f", {self.images_per_s:.1f} images/s" if self.images_per_s else ""
-            lines.append(f"last run {run['run']}: {run['state']}, updated {_duration(age)} ago{speed}")
+            state = run["state"]
+            if state == "running" and age > STALE_RUN_S:
+                state = "stopped or stalled (a running job updates this at every commit)"
+            lines.append(f"last run {run['run']}: {state}, updated {_duration(age)} ago{speed}")
         if self.eta_s is not None and not self.complete:
             lines.append(f"eta      {_duration(self.eta_s)} at that speed")
         return "\n".join(lines)

@@ -57,7 +57,9 @@ from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
 
 COMMIT_INTERVAL_S = 60.0
-PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task  # a wave is committed at least this often, full or not
+PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task
+READ_AHEAD_BATCHES = 32  # decoded batches in the object store per captioning actor, at most about
+OBJECT_STORE_FLOOR = 256 << 20  # a wave is committed at least this often, full or not
 FAILPOINT_ENV = "GITCAP_FAILPOINT"  # tests: "NAME[:N]" SIGKILLs this process at the Nth NAME
 
 
@@ -125,6 +127,7 @@ def run_caption_job(
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
     run = new_run_record(run_id, retry_failed)
 
+    assembler = ShardAssembler()
     if retry_failed:
         tasks, targets = _retry_tasks(progress, manifests, shards)
         writer: _Writer = _RetryWriter(progress, job, model_id, run_id, targets, manifests, shards)
@@ -134,36 +137,39 @@ def run_caption_job(
         writer = _WaveWriter(progress, job, model_id, run_id, _wave_size(job, len(tasks)), commit_interval_s)
 
     storage_failed: dict[str, str] = {}
-    counts = Counter()
+    counts: Counter = Counter()
     first_result = None
     if tasks:
         progress.write_run(run)
-        processor = GitImageProcessor.from_pretrained(model_path, storage_options=job.model.storage_options)
         done_before = len({s for m in manifests.values() for s in m["shards"]})
-        assembler = ShardAssembler()
-        for block in _captioned_blocks(job, tasks, model_path, processor):
-            images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
-            if first_result is None:
-                first_result, counts["startup_images"] = time.time(), images
-            counts["images"] += images
-            counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
-            for shard in assembler.add(block):
-                if shard.storage_error:
-                    storage_failed[shard.uri] = shard.storage_error
-                    continue
-                writer.add(shard)
-                if writer.due():
-                    writer.flush()
-                    run.update(shards_committed=writer.shards_committed, images=counts["images"],
-                               startup_s=first_result - started, images_per_s=_speed(counts, first_result))
-                    progress.write_run(run)
-            if progress_callback:
-                progress_callback(ProgressUpdate(
-                    shards_total=len(shards), shards_done=done_before + writer.shards_committed,
-                    shards_todo=len(tasks), images=counts["images"], failed=counts["failed"],
-                    elapsed_s=time.time() - started, images_per_s=_speed(counts, first_result),
-                ))
-        writer.flush()
+        try:
+            for block in _captioned_blocks(job, tasks, model_path):
+                images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
+                if first_result is None:
+                    first_result, counts["startup_images"] = time.time(), images
+                counts["images"] += images
+                counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+                for shard in assembler.add(block):
+                    if shard.storage_error:
+                        storage_failed[shard.uri] = shard.storage_error
+                        continue
+                    writer.add(shard)
+                    if writer.due():
+                        writer.flush()
+                        run.update(shards_committed=writer.shards_committed, images=counts["images"],
+                                   startup_s=first_result - started, images_per_s=_speed(counts, first_result))
+                        progress.write_run(run)
+                if progress_callback:
+                    progress_callback(ProgressUpdate(
+                        shards_total=len(shards), shards_done=done_before + writer.shards_committed,
+                        shards_todo=len(tasks), images=counts["images"], failed=counts["failed"],
+                        elapsed_s=time.time() - started, images_per_s=_speed(counts, first_result),
+                    ))
+            writer.flush()
+        except BaseException as err:
+            # What is committed stays committed; the record says why this run stopped.
+            progress.write_run({**run, "state": f"failed: {type(err).__name__}: {err}"[:500]})
+            raise
 
     _failpoint("before-finish")
     manifests = progress.reconcile(repair=False)
@@ -185,13 +191,12 @@ def run_caption_job(
 # --- the Ray Data part ------------------------------------------------------------------------
 
 
-def _captioned_blocks(
-    job: CaptionJob, tasks: list[ShardTask], model_path: str, processor: GitImageProcessor
-) -> Iterator[pa.Table]:
+def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str) -> Iterator[pa.Table]:
     """Stream the tasks through read+preprocess and the captioning actors; yield result blocks."""
     import ray.data
 
     compute = job.compute
+    processor = GitImageProcessor.from_pretrained(model_path, storage_options=job.model.storage_options)
     height, width = processor.output_size
     preprocess = PreprocessConfig(
         processor=processor.to_dict(),
@@ -211,9 +216,17 @@ def _captioned_blocks(
         threads=None if compute.gpus_per_worker else math.ceil(compute.cpus_per_worker),
     )
     context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size
+    saved = context.target_max_block_size, context.execution_options.resource_limits
+    batch_bytes = compute.batch_size * height * width * 3
     # A block is about one captioning batch of crops: small blocks keep shards streaming.
-    context.target_max_block_size = max(1 << 20, int(compute.batch_size * height * width * 3 * 1.25))
+    context.target_max_block_size = max(1 << 20, int(batch_bytes * 1.25))
+    # Decoding outruns captioning: without a cap, Ray Data would read ahead until its object store
+    # budget (a share of the machine's memory) is full, so memory would grow with the job. A few
+    # dozen batches per captioning actor keep it fed and make memory independent of the job's size.
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(
+        object_store_memory=max(OBJECT_STORE_FLOOR, READ_AHEAD_BATCHES * batch_bytes * compute.workers)
+    )
     try:
         items = [{"task": task.to_json()} for task in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -238,7 +251,7 @@ def _captioned_blocks(
         )
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     finally:
-        context.target_max_block_size = saved
+        context.target_max_block_size, context.execution_options.resource_limits = saved
 
 
 # --- shards back together on the driver -------------------------------------------------------

@@ -51,9 +51,8 @@ def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool
         columns.update(captions=rows["captions"], scores=rows["scores"])
         fields += MULTI_FIELDS
     if include_image:
-        columns["image"] = pa.StructArray.from_arrays(
-            [rows["image"].cast(pa.binary()), rows["key"]], fields=list(IMAGE_STRUCT)
-        )
+        image, key = rows["image"].combine_chunks(), rows["key"].combine_chunks()
+        columns["image"] = pa.StructArray.from_arrays([image, key], fields=list(IMAGE_STRUCT))
         fields.append(pa.field("image", IMAGE_STRUCT))
     for name, values in _metadata_columns(rows["meta"].to_pylist()).items():
         columns[name] = values

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-import fsspec
 from fsspec.core import url_to_fs
 
 ATTEMPTS = ".gitcap/attempts"  # local staging for files about to be renamed into place
@@ -137,7 +136,3 @@ class Folder:
         for name in leftovers:
             os.remove(self.path(f"{ATTEMPTS}/{name}"))
         return len(leftovers)
-
-
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
-    return url_to_fs(url, **(storage_options or {}))[0]

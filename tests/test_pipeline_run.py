@@ -60,15 +60,18 @@ def test_parquet_source_keeps_its_other_columns(tmp_path, tiny_model):
     assert row["source_width"] == row["width"] == 96 and row["index"] == 4
 
 
-def test_image_folder_source(tmp_path, tiny_model):
+def test_image_folder_source_with_the_images_kept(tmp_path, tiny_model):
     write_scenes(str(tmp_path / "in"), count=7, seed=1, format="images")
     summary = run_caption_job(job(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model,
-                                  input={"format": "images", "images_per_shard": 3}))
+                                  input={"format": "images", "images_per_shard": 3},
+                                  output={"include_image": True}))
 
     assert (summary.shards_total, summary.images_ok) == (3, 7)
     frame = read_output(str(tmp_path / "out"))
     assert_each_key_once(frame, [f"{i:09d}.jpg" for i in range(7)])
     assert frame["source"].str.endswith(".jpg").all()
+    row = frame.set_index("key").loc["000000003.jpg"]  # a Hugging Face Image struct
+    assert row["image"] == {"bytes": (tmp_path / "in" / "000000003.jpg").read_bytes(), "path": "000000003.jpg"}
 
 
 def test_input_and_output_on_s3(tmp_path, tiny_model, s3_server, s3_bucket):

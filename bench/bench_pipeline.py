@@ -1,0 +1,274 @@
+"""Pipeline efficiency, redo after a kill, and memory as the input grows.
+
+Efficiency = end-to-end images/s of `run_caption_job` (steady state: from the first captioned
+batch to the last; Ray and model start-up are reported on their own) ÷ model-only images/s: the
+same `Captioner.caption` (normalise + generate + decode text) on crops decoded beforehand, same
+model, batch size, thread count and machine. Inputs are synthetic scenes in WebDataset shards.
+
+Redo: a run is SIGKILLed right after its Nth commit; the rerun must caption exactly the images
+that were not committed, and the work lost is what the killed run had captioned beyond its commits.
+
+Memory: peak proportional set size (PSS: shared pages split between the processes that map them)
+summed over this process and every process it started (the Ray cluster), for N and 10 N images.
+
+  python bench/bench_pipeline.py                      # the bundled model, 2,000 images, 2k vs 20k memory
+  python bench/bench_pipeline.py --model PATH --images 1000 --memory-scales 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.job import CaptionJob  # noqa: E402
+from pipeline.scenes import write_scenes  # noqa: E402
+
+SEED = 20240607  # scenes no model was trained on
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
+    """The model to measure: as given, else the bundled one, else an untrained model of the bundled
+    model's shape (random weights: it always generates max_new_tokens tokens)."""
+    if path:
+        return path, path
+    from pipeline.captioner import resolve_model
+
+    try:
+        return resolve_model(None)[0], "bundled"
+    except FileNotFoundError:
+        folder = os.path.join(work, "stand-in")
+        # In a child process: importing transformers (which writes the processor files) slows
+        # gitmodel's CPU generation in the same process several times over.
+        subprocess.run([sys.executable, "-c", (
+            "import sys, torch\n"
+            "from gitmodel import GitForCausalLM\nfrom jobs.finetune import BundledRecipe\n"
+            "from tests.tiny_processor import save_tiny_processor\n"
+            "torch.manual_seed(0)\nrecipe = BundledRecipe()\n"
+            "GitForCausalLM(recipe.config()).save_pretrained(sys.argv[1])\n"
+            "save_tiny_processor(sys.argv[1], image_size=recipe.image_size)\n"
+        ), folder], check=True, cwd=REPO, capture_output=True)
+        return folder, "untrained stand-in of the bundled model's shape (bundled model not built yet)"
+
+
+def caption_job(inputs: str, output: str, model: str, args) -> CaptionJob:
+    return CaptionJob.from_dict({
+        "input": {"path": inputs},
+        "model": {"path": model},
+        "output": {"path": output},
+        "generation": {"max_new_tokens": args.max_new_tokens},
+        "compute": {"batch_size": args.batch_size, "cpus_per_worker": args.cpus_per_worker},
+    })
+
+
+def model_only(model: str, inputs: str, args, threads: int) -> float:
+    """Images/s of the captioner alone on crops decoded beforehand (best of `--repeats` passes)."""
+    from gitmodel.image_processing import GitImageProcessor
+    from pipeline.captioner import Captioner, CaptionerConfig
+    from pipeline.decode import decode_image
+    from pipeline.sources import list_shards, read_shard
+
+    processor = GitImageProcessor.from_pretrained(model)
+    keys, crops = [], []
+    for shard in list_shards(inputs, "webdataset"):
+        for record in read_shard(shard):
+            keys.append(record.key)
+            crops.append(processor.to_uint8(decode_image(record.data).image))
+    crops = np.stack(crops)
+    captioner = Captioner(CaptionerConfig(
+        model_path=model, generate_kwargs={"max_new_tokens": args.max_new_tokens},
+        threads=threads,
+    ))
+    captioner.caption(crops[: args.batch_size], keys[: args.batch_size])  # warm-up
+    best = 0.0
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for i in range(0, len(keys), args.batch_size):
+            captioner.caption(crops[i : i + args.batch_size], keys[i : i + args.batch_size])
+        best = max(best, len(keys) / (time.perf_counter() - start))
+    return best
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and all its descendants every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, sum(_pss(pid) for pid in _descendants(os.getpid())))
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_redo(inputs: str, work: str, model: str, args) -> dict:
+    """SIGKILL a run after its Nth commit (in a child process), rerun, and count what was redone."""
+    from pipeline.sink import ParquetSink
+    from pipeline.storage import Folder
+
+    output = os.path.join(work, "redo-out")
+    spec = json.dumps(caption_job(inputs, output, model, args).to_dict())
+    child = (
+        "import json, sys, ray\n"
+        "from pipeline.job import CaptionJob\nfrom pipeline.runner import run_caption_job\n"
+        f"ray.init(address='local', num_cpus={args.num_cpus}, include_dashboard=False, logging_level='ERROR')\n"
+        f"job = CaptionJob.from_dict(json.loads({spec!r}))\n"
+        "run_caption_job(job, progress_callback=lambda u: print(u.images, flush=True))\n"
+    )
+    from pipeline.runner import _wave_size
+
+    shards = -(-args.images // args.shard_size)
+    waves = -(-shards // _wave_size(caption_job(inputs, output, model, args), shards))
+    kill_after = args.kill_after_commits or max(1, waves // 2)
+    env = dict(os.environ, GITCAP_FAILPOINT=f"after-commit:{kill_after}")
+    run = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           text=True, cwd=REPO, start_new_session=True)
+    printed, _ = run.communicate()
+    _end_session(run.pid)
+    captioned = int(printed.split()[-1]) if printed.split() else 0
+    sink = ParquetSink(Folder(output))
+    committed = sum(sink.read_info(name)["rows"] for name in sink.data_files())
+    import ray
+
+    from pipeline.runner import run_caption_job
+
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
+    start = time.perf_counter()
+    summary = run_caption_job(caption_job(inputs, output, model, args))
+    rerun_s = time.perf_counter() - start
+    ray.shutdown()
+    return {"killed_after_commit": kill_after, "of_waves": waves, "killed_rc": run.returncode, "captioned_before_kill": captioned, "committed_before_kill": committed,
+            "lost": captioned - committed, "rerun_images": summary.images_this_run,
+            "expected_rerun_images": args.images - committed, "rerun_s": rerun_s,
+            "complete": summary.complete}
+
+
+def _end_session(session: int) -> None:
+    """End, by PID, the Ray processes a killed child left behind: they keep its session id."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[3]) == session:
+            os.kill(int(entry), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="Ray CPUs of the captioning actor; its torch threads are this rounded up")
+    parser.add_argument("--baseline-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                        help="torch threads to try for the model-only baseline; the fastest is the baseline")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-scales", type=int, nargs="*", default=None, help="default: --images and 10x")
+    parser.add_argument("--kill-after-commits", type=int, default=None, help="default: half of the waves")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "redo"])
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    work = tempfile.mkdtemp(prefix="gitcap-bench-")
+    model, model_name = model_path_or_stand_in(args.model, work)
+    inputs = os.path.join(work, "scenes")
+    write_scenes(inputs, args.images, SEED, shard_size=args.shard_size)
+    results: dict = {"model": model_name, "images": args.images, "batch_size": args.batch_size,
+                     "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(),
+                     "cpus_per_worker": args.cpus_per_worker, "machine": platform.platform(),
+                     "torch_threads": torch.get_num_threads()}
+
+    results["model_only_by_threads"] = {}
+    for threads in args.baseline_threads:
+        results["model_only_by_threads"][threads] = model_only(model, inputs, args, threads)
+        print(f"model only, {threads} threads: {results['model_only_by_threads'][threads]:.1f} images/s", flush=True)
+    results["model_only_images_per_s"] = max(results["model_only_by_threads"].values())
+
+    import ray
+
+    from pipeline.runner import run_caption_job
+
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
+    results["ray_start_s"] = time.perf_counter() - start
+    summary = run_caption_job(caption_job(inputs, os.path.join(work, "out"), model, args))
+    results.update(pipeline_images_per_s=summary.images_per_s, pipeline_startup_s=summary.startup_s,
+                   pipeline_elapsed_s=summary.elapsed_s)
+    results["efficiency"] = summary.images_per_s / results["model_only_images_per_s"]
+    print(f"pipeline: {summary.images_per_s:.1f} images/s steady, {summary.startup_s:.1f} s start-up "
+          f"-> efficiency {results['efficiency']:.2f}", flush=True)
+
+    if "memory" not in args.skip:
+        results["peak_memory"] = {}
+        for count in args.memory_scales or [args.images, 10 * args.images]:
+            folder = os.path.join(work, f"scenes-{count}")
+            write_scenes(folder, count, SEED, shard_size=args.shard_size)
+            with PeakMemory() as memory:
+                run = run_caption_job(caption_job(folder, os.path.join(work, f"out-{count}"), model, args))
+            results["peak_memory"][count] = {"pss_mib": memory.peak / 2**20, "images_per_s": run.images_per_s}
+            print(f"{count} images: peak {memory.peak / 2**20:.0f} MiB PSS, {run.images_per_s:.1f} images/s", flush=True)
+    ray.shutdown()
+
+    if "redo" not in args.skip:
+        results["redo"] = measure_redo(inputs, work, model, args)
+        print(f"redo: {results['redo']}", flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
