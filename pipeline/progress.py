@@ -42,6 +42,7 @@ COMMITS = f"{PROGRESS}/commits"
 RUNS = f"{PROGRESS}/runs"
 SUCCESS_FILE = f"{PROGRESS}/complete.json"
 STALE_RUN_S = 300  # a "running" run record older than this probably belongs to a killed run
+HEARTBEAT_S = 30  # a running run rewrites its record at least this often
 
 
 class JobMismatchError(ValueError):
@@ -50,6 +51,10 @@ class JobMismatchError(ValueError):
 
 class NoJobError(FileNotFoundError):
     """The folder holds no gitcap progress."""
+
+
+class ConcurrentRunError(ValueError):
+    """Another run is writing to the same output: two would caption the same shards twice."""
 
 
 def commit_name(data_file: str) -> str:
@@ -73,7 +78,15 @@ class JobProgress:
 
     def check(self, job: CaptionJob) -> dict[str, Any] | None:
         """The stored job record; `JobMismatchError` if it has other decisive settings than `job`
-        and data is committed (a resume would mix captions made two ways)."""
+        and data is committed (a resume would mix captions made two ways); `ConcurrentRunError`
+        if another run is still writing here."""
+        active = self.active_run()
+        if active is not None:
+            raise ConcurrentRunError(
+                f"{self.folder.uri('')} is being written by run {active['run']} (host {active['host']}, "
+                f"pid {active['pid']}, last update {time.time() - active['updated_at']:.0f} s ago). Wait for it to "
+                f"finish; if it was killed on another machine, its record goes stale after {STALE_RUN_S} s."
+            )
         record = self.job_record()
         if record is not None and record["fingerprint"] != job.fingerprint() and self.sink.data_files():
             changes = "; ".join(_differences(record.get("settings", {}), job.decisive_settings()))
@@ -146,11 +159,23 @@ class JobProgress:
     # -------------------------------------------------------------- runs
 
     def write_run(self, run: dict[str, Any]) -> None:
-        self.folder.write_json(f"{RUNS}/{run['run']}.json", {**run, "updated_at": time.time()})
+        """Record the run's state; stamps `updated_at` on the dict too (the heartbeat's clock)."""
+        run["updated_at"] = time.time()
+        self.folder.write_json(f"{RUNS}/{run['run']}.json", run)
 
     def runs(self) -> list[dict[str, Any]]:
         names = list(self.folder.list(RUNS, suffix=".json"))
         return sorted((json.loads(d) for d in self.folder.read_many(names).values()), key=lambda r: r["started_at"])
+
+    def active_run(self) -> dict[str, Any] | None:
+        """A run recorded as running that is alive: on this host its process exists; elsewhere it
+        updated its record (at every commit, and every `HEARTBEAT_S`) less than `STALE_RUN_S` ago."""
+        for run in reversed(self.runs()):
+            if run["state"] != "running" or time.time() - run["updated_at"] > STALE_RUN_S:
+                continue
+            if run["host"] != socket.gethostname() or _process_alive(run["pid"]):
+                return run
+        return None
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         self.folder.write_json(SUCCESS_FILE, summary)
@@ -169,6 +194,18 @@ def new_run_record(run_id: str, retry_failed: bool) -> dict[str, Any]:
         "images": 0,
         "images_per_s": None,
     }
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is starting a new run: its old record is from a run it finished
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

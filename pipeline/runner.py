@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 from gitmodel.image_processing import GitImageProcessor
 from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
 from pipeline.job import CaptionJob
-from pipeline.progress import SUCCESS_FILE, JobProgress, new_run_record
+from pipeline.progress import HEARTBEAT_S, SUCCESS_FILE, JobProgress, new_run_record
 from pipeline.sink import output_table, file_summary
 from pipeline.sources import Shard, list_shards
 from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
@@ -159,6 +159,8 @@ def run_caption_job(
                         run.update(shards_committed=writer.shards_committed, images=counts["images"],
                                    startup_s=first_result - started, images_per_s=_speed(counts, first_result))
                         progress.write_run(run)
+                if time.time() - run["updated_at"] > HEARTBEAT_S:
+                    progress.write_run(run)  # a heartbeat: this run is alive, others must wait
                 if progress_callback:
                     progress_callback(ProgressUpdate(
                         shards_total=len(shards), shards_done=done_before + writer.shards_committed,

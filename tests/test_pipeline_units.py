@@ -3,6 +3,7 @@ and all-or-nothing publishing."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pyarrow as pa
@@ -200,3 +201,36 @@ def test_a_failed_s3_upload_is_aborted_not_published(s3_server, s3_bucket):
     folder.write_bytes("a.parquet", b"v1")
     assert folder.list("") == {"a.parquet": 2}
     assert folder.read_bytes("a.parquet") == b"v1"
+
+
+# --- one writer at a time ---------------------------------------------------------------------
+
+
+def test_a_second_run_is_refused_while_the_first_is_alive(tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    from pipeline.job import CaptionJob
+    from pipeline.progress import RUNS, STALE_RUN_S, ConcurrentRunError, JobProgress, new_run_record
+
+    job = CaptionJob.from_dict({"input": {"path": "in"}, "output": {"path": str(tmp_path)}})
+    progress = JobProgress(Folder(str(tmp_path)))
+    progress.start(job, lambda: [], "m")
+    exited = subprocess.Popen(["true"])  # noqa: S607  (a PID whose process is gone)
+    exited.wait()
+
+    def record(**values):
+        run = {**new_run_record("r1", False), "updated_at": time.time(), **values}
+        progress.folder.write_json(f"{RUNS}/r1.json", run)
+
+    record(host=socket.gethostname(), pid=os.getppid())  # alive, on this host
+    with pytest.raises(ConcurrentRunError, match="being written by run r1"):
+        progress.check(job)
+    record(host=socket.gethostname(), pid=exited.pid)  # killed, on this host
+    assert progress.check(job) is not None
+    record(host="elsewhere", pid=1)  # on another machine, and it wrote just now
+    with pytest.raises(ConcurrentRunError):
+        progress.check(job)
+    record(host="elsewhere", pid=1, updated_at=time.time() - STALE_RUN_S - 1)  # silent for too long
+    assert progress.check(job) is not None
