@@ -12,11 +12,12 @@
 """
 
 from pipeline.job import CaptionJob, JobConfigError
-from pipeline.progress import JobMismatchError, JobStatus, NoJobError, job_status
+from pipeline.progress import ConcurrentRunError, JobMismatchError, JobStatus, NoJobError, job_status
 from pipeline.runner import ProgressUpdate, RunSummary, run_caption_job
 
 __all__ = [
     "CaptionJob",
+    "ConcurrentRunError",
     "JobConfigError",
     "JobMismatchError",
     "JobStatus",

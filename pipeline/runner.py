@@ -3,27 +3,34 @@
     shard list ─▶ read + decode + crop (CPU tasks) ─▶ caption (actor pool) ─▶ driver ─▶ Parquet
                   pipeline.stages                     pipeline.captioner       waves    pipeline.sink
 
-Ray Data streams shards through the two map stages with bounded memory (its streaming executor
-and backpressure); the driver collects the captioned rows, assembles them per shard, and commits
-finished shards in *waves*: every `shards_per_wave` finished shards (or `commit_interval_s`), one
-Parquet file holding exactly those shards is published atomically under a name no other attempt
-uses. That publication is the commit. Then a manifest (the index `gitcap status` reads) is
-written beside it in `.gitcap/`.
+Ray Data streams shards through the two map stages (`from_items(shards)` → `map_batches` on CPU
+tasks → `map_batches` on an `ActorPoolStrategy`, one model per actor, `num_gpus` when on GPUs),
+with the read-ahead capped so that memory does not depend on the job's size. The driver iterates
+the captioned rows, assembles them per shard (an end-marker row per shard says how many to
+expect), and commits finished shards in *waves*: every `shards_per_wave` finished shards (or
+every `commit_interval_s`), one Parquet file holding exactly those shards is published atomically
+under a name no other attempt uses. That publication is the commit. A manifest (the index that
+`gitcap status` reads) is written beside it in `.gitcap/`.
 
 Why this protocol, and not Ray Data's `write_parquet` or its `CheckpointConfig`:
 - `write_parquet` writes straight to final names, fresh per execution: a rerun after a crash
   appends a second copy, and a killed task can leave a partial file. No exactly-once.
 - `CheckpointConfig` (beta in 2.60) deadlocks on 2-CPU clusters, fails with WebDataset input,
-  re-reads every finished shard on resume and, by default, reprocesses a finished job.
-- A data file that holds whole shards and is published atomically is all-or-nothing, and its
-  footer names its shards, so the committed set can always be rebuilt from the data alone. A kill
-  at any instant leaves every shard either in exactly one published file or in none: the rerun
-  skips the first kind without reading them and redoes the second. Readers (pandas, pyarrow,
-  DuckDB, Hugging Face datasets) globbing `*.parquet` only ever see committed files; a manifest
-  committed as the commit point instead would leave the folder holding uncommitted files on S3,
-  which has no rename.
+  re-reads every finished shard on resume, keeps every finished id in driver memory and, by
+  default, reprocesses a finished job.
+- A data file that holds whole shards and is published atomically (object stores: one upload
+  completes or none; local: write under `.gitcap/attempts/`, then rename) is all-or-nothing, and
+  its footer names its shards, so the committed set can always be rebuilt from the data alone.
+  A kill at any instant leaves every shard either in exactly one published file or in none: the
+  rerun skips the first kind without reading them and redoes the second. A manifest as the commit
+  point would not do on S3: with no rename there, data files would sit where readers look before
+  their manifest exists, and a crash would leave them there.
+- So readers (pandas, pyarrow, DuckDB, Hugging Face `datasets`) can read the folder directly and
+  only ever see committed rows: every `*.parquet` in it is committed, and all bookkeeping is in
+  the hidden `.gitcap/`, the one name every one of those readers skips.
 - Redo after a kill is bounded by what was in flight: shards being read or captioned, plus at
-  most one wave of finished-but-uncommitted shards. Finished shards are never re-read.
+  most one wave of finished-but-uncommitted shards. Committed shards are never re-read.
+- One writer at a time: a running run's record is its lease (see `progress.active_run`).
 
 Sampling reproduces across resumes (per-image seeds from (seed, key)), so a redone shard gets
 the captions it would have had. `--retry-failed` re-reads only shards with error rows, captions
