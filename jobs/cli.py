@@ -78,7 +78,7 @@ def add_run_parser(subparsers) -> None:
     parser.add_argument("spec", metavar="JOB.yaml", help="the job spec")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec value (YAML), e.g. --set generation.num_beams=3; repeatable")
-    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray for this run)")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS if set, else a local Ray for this run)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--retry-failed", action="store_true", help="caption again only the rows that failed")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")

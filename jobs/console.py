@@ -13,11 +13,13 @@ from pipeline.runner import ProgressUpdate, RunSummary
 
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to the cluster at `address`, or start a private local Ray for this process only."""
+    """Connect to the cluster at `address` (or `RAY_ADDRESS`, which Ray sets for a job's driver on a
+    cluster), or start a private local Ray for this process only."""
     import ray
     import ray.data
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         import gitmodel
         import pipeline
