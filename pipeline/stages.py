@@ -101,7 +101,7 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
                 done = seq + 1
                 if record.key in task.skip_keys:
                     continue
-                rows.append(preprocess_record(record, seq, task.shard.uri, processor, config))
+                rows.append(preprocess_record(record, seq, task.shard, processor, config))
                 sent += 1
                 if len(rows) >= config.rows_per_batch:
                     yield _table(rows)
@@ -117,16 +117,16 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
 
 
 def preprocess_record(
-    record: Record, seq: int, shard: str, processor: GitImageProcessor, config: PreprocessConfig
+    record: Record, seq: int, shard: Shard, processor: GitImageProcessor, config: PreprocessConfig
 ) -> dict[str, Any]:
     """One record as a row: a uint8 crop and the original size, or the reason there is none."""
-    row: dict[str, Any] = {"shard": shard, "seq": seq, "key": record.key, "source": record.source}
+    row: dict[str, Any] = {"shard": shard.uri, "seq": seq, "key": record.key, "source": record.source}
     if record.key.endswith("/__shard__"):
         # Damage to the shard itself: its counts belong in the message, not in metadata columns.
         counts = ", ".join(f"{k}={v}" for k, v in record.metadata.items())
         row["error"] = f"{record.error} ({counts})" if counts else record.error
         return row
-    row["meta"] = pickle.dumps(_metadata_columns(record), protocol=pickle.HIGHEST_PROTOCOL)
+    row["meta"] = pickle.dumps(_metadata_columns(record, shard.format), protocol=pickle.HIGHEST_PROTOCOL)
     if config.include_image and record.data is not None:
         row["image"] = record.data
     if record.error:
@@ -145,15 +145,16 @@ def preprocess_record(
     return row
 
 
-def _metadata_columns(record: Record) -> dict[str, Any]:
+def _metadata_columns(record: Record, format: str) -> dict[str, Any]:
     """The source's metadata as output columns: WebDataset members by extension (the `.json`
-    member as JSON text), Parquet's other columns as they are, less the column the key came from."""
+    member as JSON text: its fields differ from sample to sample), Parquet's other columns as they
+    are, less the column the key came from."""
     columns = {}
     for name, value in record.metadata.items():
         if name in KEY_COLUMNS and value is not None and str(value) == record.key:
             continue
-        if name == "json" and record.source.endswith((".tar", ".tar.gz", ".tgz")):
-            value = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+        if format == "webdataset" and name == "json" and not isinstance(value, str):
+            value = json.dumps(value, sort_keys=True)
         columns[name] = value
     return columns
 

@@ -63,8 +63,7 @@ class Folder:
         found = self.fs.cat(paths, on_error="omit")
         if isinstance(found, bytes):  # fsspec returns bare bytes for a single non-glob path
             found = {paths[0]: found}
-        strip = len(self.root) + 1
-        return {self._relative(p, strip): data for p, data in found.items()}
+        return {self._relative(p): data for p, data in found.items()}
 
     def list(self, prefix: str = "", suffix: str = "") -> dict[str, int]:
         """{relative name: size} of the files directly in `prefix` (a sub-folder, or "")."""
@@ -73,17 +72,15 @@ class Folder:
             entries = self.fs.ls(self.path(prefix), detail=True)
         except FileNotFoundError:
             return {}
-        strip = len(self.root) + 1
         return {
-            self._relative(e["name"], strip): int(e.get("size") or 0)
+            self._relative(e["name"]): int(e.get("size") or 0)
             for e in entries
             if e.get("type") == "file" and e["name"].endswith(suffix)
         }
 
-    def _relative(self, path: str, strip: int) -> str:
-        path = path.split("://", 1)[-1] if not self.is_local else path
-        root = self.root.split("://", 1)[-1]
-        return path[len(root) + 1 :] if path.startswith(root) else path[strip:]
+    def _relative(self, path: str) -> str:
+        """A path the filesystem gave back (some add their protocol), relative to the folder."""
+        return path.split("://", 1)[-1][len(self.root) + 1 :] if not self.is_local else path[len(self.root) + 1 :]
 
     # -------------------------------------------------------------- writing
 

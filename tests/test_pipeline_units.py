@@ -83,7 +83,7 @@ def test_a_storage_failure_is_retried_then_reported_on_the_marker(monkeypatch):
 def test_shard_damage_keeps_its_counts_in_the_message_not_in_columns():
     row = stages.preprocess_record(
         Record("s/__shard__", "x.tar", None, {"samples": 3, "late_members": 0}, "shard_unreadable: ReadError"),
-        7, "x.tar", None, preprocess_config(),
+        7, Shard("x.tar", "webdataset"), None, preprocess_config(),
     )
     assert row["error"] == "shard_unreadable: ReadError (samples=3, late_members=0)" and "meta" not in row
 
