@@ -91,6 +91,38 @@ def test_input_and_output_on_s3(tmp_path, tiny_model, s3_server, s3_bucket):
     assert s3_server.filesystem().exists(f"{s3_bucket}/out/.gitcap/complete.json")
 
 
+def test_parquet_on_s3_with_an_image_file_that_is_missing(tiny_model, s3_server, s3_bucket):
+    import pyarrow as pa
+
+    options = s3_server.storage_options
+    fs = s3_server.filesystem()
+    fs.pipe(f"{s3_bucket}/in/images/there.jpg", scene_jpeg(2))
+    cells = [{"bytes": scene_jpeg(1), "path": None}, {"bytes": None, "path": "images/there.jpg"},
+             {"bytes": None, "path": "images/gone.jpg"}]
+    table = pa.table({"id": ["a", "b", "c"], "image": cells, "url": ["u1", "u2", "u3"]})
+    with fs.open(f"{s3_bucket}/in/part.parquet", "wb") as f:
+        pq.write_table(table, f)
+    summary = run_caption_job(job(f"s3://{s3_bucket}/in/part.parquet", f"s3://{s3_bucket}/out", tiny_model,
+                                  input={"format": "parquet", "storage_options": options},
+                                  output={"storage_options": options}))
+
+    frame = read_output(f"s3://{s3_bucket}/out", options).set_index("key")
+    assert_each_key_once(frame.reset_index(), ["a", "b", "c"])
+    assert frame["caption"].notna().tolist() == [True, True, False]
+    assert frame.loc["c", "error"].startswith("missing_file: ") and frame.loc["c", "url"] == "u3"
+    assert (summary.images_ok, summary.images_failed, summary.exit_code) == (2, 1, 0)
+
+
+def test_image_folder_on_s3(tiny_model, s3_server, s3_bucket):
+    options = s3_server.storage_options
+    write_scenes(f"s3://{s3_bucket}/in", count=5, seed=2, format="images", storage_options=options)
+    summary = run_caption_job(job(f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", tiny_model,
+                                  input={"format": "images", "images_per_shard": 2, "storage_options": options},
+                                  output={"storage_options": options}))
+    assert (summary.shards_done, summary.images_ok) == (3, 5)
+    assert_each_key_once(read_output(f"s3://{s3_bucket}/out", options), [f"{i:09d}.jpg" for i in range(5)])
+
+
 def test_odd_images_are_captioned_and_bad_ones_become_error_rows(tmp_path, tiny_model):
     zoo = image_zoo()
     members = [(f"{name}.{ext}", data) for name, (ext, data, _) in zoo.items()]
