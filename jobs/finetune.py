@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import posixpath
-import shlex
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -363,7 +361,7 @@ processor and a BERT-style WordPiece tokenizer), so `transformers` loads it too.
 ```
 
 trained from scratch with gitcap's own fine-tuning code (`gitmodel.training`, via `jobs.finetune`),
-on {platform.machine()} CPU, {os.cpu_count()} cores, torch threads {_torch_threads()}: **{seconds / 60:.1f} minutes**
+on a {_cpu_name()} ({os.cpu_count()} cores, {_torch_threads()} torch threads): **{seconds / 60:.1f} minutes**
 from nothing (scenes, tokenizer and training; Python {platform.python_version()}, torch {_torch_version()}).
 
 ## Data
@@ -425,6 +423,15 @@ def _folder_megabytes(path: str) -> float:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()) / 1e6
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -435,7 +442,3 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
-
-
-def command_line() -> str:
-    return shlex.join(["gitcap", *sys.argv[1:]])

@@ -16,8 +16,10 @@ from gitmodel.training import (
     Trainer,
     TrainingArguments,
     batch_indices,
+    fresh_model,
     latest_checkpoint,
     learning_rate_factor,
+    sincos_positions,
 )
 from jobs.cli import main
 from jobs.finetune import held_out, read_pairs, starting_point
@@ -228,6 +230,16 @@ def test_finetunes_a_checkpoint_that_transformers_wrote(scenes_dir, tmp_path):
     assert any("training on" in m for m in messages)
 
 
+def test_a_fresh_vision_tower_starts_with_sine_cosine_patch_positions():
+    model = fresh_model(tiny_config(), seed=1)
+    positions = model.git.image_encoder.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(positions[1:], sincos_positions(4, 32)) and not positions[0].any()
+    # Row-major like the patch sequence: patches in one row share the row half of their channels.
+    assert torch.equal(positions[1, :16], positions[4, :16]) and not torch.equal(positions[1, :16], positions[5, :16])
+    assert torch.equal(positions[1, 16:], positions[5, 16:])
+    assert torch.equal(fresh_model(tiny_config(), seed=1).output.weight, model.output.weight)
+
+
 def test_a_fresh_model_and_its_tokenizer_share_the_special_ids():
     model, processor = starting_point(config=tiny_config(), captions=["a red star", "a blue circle"], vocab_size=60)
     tokenizer = processor.tokenizer
@@ -253,3 +265,19 @@ def test_gitcap_finetune_trains_from_a_config(scenes_dir, tmp_path, capsys):
     assert "wrote the model to" in capsys.readouterr().out
     assert OFFICIAL_FILES <= set(os.listdir(out))
     assert json.loads((out / "metrics.json").read_text())["step"] == 6
+
+
+def test_the_bundled_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+    from jobs.finetune import BUNDLED_COMMAND, BundledRecipe, train_bundled
+
+    recipe = BundledRecipe(
+        train_scenes=24, eval_scenes=8, test_scenes=8, image_size=32, patch_size=8, vision_hidden=32,
+        vision_layers=1, text_hidden=32, text_layers=1, heads=2, max_steps=3, batch_size=8, eval_every=3,
+        save_every=3,
+    )
+    result = train_bundled(str(tmp_path / "model"), str(tmp_path / "work"), recipe, progress=False, log=lambda *_: None)
+    assert result["test"]["eval_examples"] == 8 and result["validation"]["step"] == 3
+    assert (OFFICIAL_FILES | {"README.md"}) <= set(os.listdir(tmp_path / "model"))
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert BUNDLED_COMMAND in card and "exact match" in card
+    assert GitForCausalLM.from_pretrained(tmp_path / "model").config.vision_config.image_size == 32
