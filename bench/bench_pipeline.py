@@ -9,8 +9,7 @@ decoded beforehand, same model, batch size and machine. Both sides try each thre
 scenes (JPEG, 96x96) in WebDataset shards.
 
 Redo: a run is SIGKILLed right after its Nth commit (half of its waves); the rerun must caption
-exactly the images that were not committed; the work lost is what the killed run had captioned
-beyond its commits.
+exactly the images that were not committed, and no committed image again.
 
 Memory: peak proportional set size (PSS: shared pages split between the processes that map them)
 summed over this process and every process it started (the Ray cluster), for N and 10 N images.
@@ -179,7 +178,7 @@ def measure_redo(inputs: str, work: str, model: str, args) -> dict:
                            text=True, cwd=REPO, start_new_session=True)
     printed, _ = run.communicate()
     _end_session(run.pid)
-    captioned = int(printed.split()[-1]) if printed.split() else 0
+    received = int(printed.split()[-1]) if printed.split() else 0
     sink = ParquetSink(Folder(output))
     committed = sum(sink.read_info(name)["rows"] for name in sink.data_files())
     import ray
@@ -191,10 +190,14 @@ def measure_redo(inputs: str, work: str, model: str, args) -> dict:
     summary = run_caption_job(caption_job(inputs, output, model, args))
     rerun_s = time.perf_counter() - start
     ray.shutdown()
-    return {"killed_after_commit": kill_after, "of_waves": waves, "killed_rc": run.returncode, "captioned_before_kill": captioned, "committed_before_kill": committed,
-            "lost": captioned - committed, "rerun_images": summary.images_this_run,
-            "expected_rerun_images": args.images - committed, "rerun_s": rerun_s,
-            "complete": summary.complete}
+    return {
+        "killed_after_commit": kill_after, "of_waves": waves, "killed_rc": run.returncode,
+        # Rows the killed driver had received (reported after each batch, so up to one batch
+        # short) and committed: the rerun must caption exactly the images not committed.
+        "received_before_kill": received, "committed_before_kill": committed,
+        "rerun_images": summary.images_this_run, "expected_rerun_images": args.images - committed,
+        "rerun_s": rerun_s, "complete": summary.complete,
+    }
 
 
 def _end_session(session: int) -> None:
@@ -222,7 +225,8 @@ def main() -> None:
                         help="Ray CPUs of the captioning actor to try (torch threads: rounded up); the fastest counts")
     parser.add_argument("--baseline-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="torch threads to try for the model-only baseline; the fastest is the baseline")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="model-only passes per round (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-scales", type=int, nargs="*", default=None, help="default: --images and 10x")
     parser.add_argument("--kill-after-commits", type=int, default=None, help="default: half of the waves")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "redo"])
@@ -239,11 +243,7 @@ def main() -> None:
                      "machine": platform.platform(),
                      "torch_threads": torch.get_num_threads()}
 
-    results["model_only_by_threads"] = {}
-    for threads in args.baseline_threads:
-        results["model_only_by_threads"][threads] = model_only(model, inputs, args, threads)
-        print(f"model only, {threads} threads: {results['model_only_by_threads'][threads]:.1f} images/s", flush=True)
-    results["model_only_images_per_s"] = max(results["model_only_by_threads"].values())
+    import statistics
 
     import ray
 
@@ -252,19 +252,29 @@ def main() -> None:
     start = time.perf_counter()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
     results["ray_start_s"] = time.perf_counter() - start
-    results["pipeline_by_cpus_per_worker"] = {}
-    for cpus in args.pipeline_cpus_per_worker:
-        args.cpus_per_worker = cpus
-        summary = run_caption_job(caption_job(inputs, os.path.join(work, f"out-cpus{cpus}"), model, args))
-        results["pipeline_by_cpus_per_worker"][cpus] = {
-            "images_per_s": summary.images_per_s, "startup_s": summary.startup_s, "elapsed_s": summary.elapsed_s}
-        print(f"pipeline, cpus_per_worker {cpus}: {summary.images_per_s:.1f} images/s steady, "
-              f"{summary.startup_s:.1f} s start-up", flush=True)
-    best = max(results["pipeline_by_cpus_per_worker"], key=lambda c: results["pipeline_by_cpus_per_worker"][c]["images_per_s"])
-    args.cpus_per_worker = results["cpus_per_worker"] = best  # the memory and redo runs use the best
-    results["pipeline_images_per_s"] = results["pipeline_by_cpus_per_worker"][best]["images_per_s"]
-    results["efficiency"] = results["pipeline_images_per_s"] / results["model_only_images_per_s"]
-    print(f"efficiency {results['efficiency']:.2f} (best pipeline / best model-only)", flush=True)
+    # Rounds of model-only then pipeline, so that both sides of each ratio see the same machine
+    # (other work on a shared machine comes and goes); the median ratio is the efficiency.
+    results["rounds"] = []
+    for round_number in range(args.rounds):
+        measured = {"model_only": {}, "pipeline": {}}
+        for threads in args.baseline_threads:
+            measured["model_only"][threads] = model_only(model, inputs, args, threads)
+        for cpus in args.pipeline_cpus_per_worker:
+            args.cpus_per_worker = cpus
+            output = os.path.join(work, f"out-{round_number}-{cpus}")
+            summary = run_caption_job(caption_job(inputs, output, model, args))
+            measured["pipeline"][cpus] = summary.images_per_s
+            measured["pipeline_startup_s"] = summary.startup_s
+        measured["efficiency"] = max(measured["pipeline"].values()) / max(measured["model_only"].values())
+        results["rounds"].append(measured)
+        print(f"round {round_number}: model only {measured['model_only']} images/s, pipeline "
+              f"{measured['pipeline']} images/s, efficiency {measured['efficiency']:.2f}", flush=True)
+    results["efficiency"] = statistics.median(r["efficiency"] for r in results["rounds"])
+    results["model_only_images_per_s"] = statistics.median(max(r["model_only"].values()) for r in results["rounds"])
+    results["pipeline_images_per_s"] = statistics.median(max(r["pipeline"].values()) for r in results["rounds"])
+    pipeline_best = {c: statistics.median(r["pipeline"][c] for r in results["rounds"]) for c in args.pipeline_cpus_per_worker}
+    args.cpus_per_worker = results["cpus_per_worker"] = max(pipeline_best, key=pipeline_best.get)
+    print(f"efficiency {results['efficiency']:.2f} (median of {args.rounds} rounds)", flush=True)
 
     if "memory" not in args.skip:
         results["peak_memory"] = {}
