@@ -99,6 +99,13 @@ def run_command(args: argparse.Namespace) -> int:
     with ray_session(args.address, args.num_cpus):
         try:
             summary = run_caption_job(job, retry_failed=args.retry_failed, progress_callback=progress)
+        except (ValueError, OSError):
+            raise  # settings and storage: main() reports them
+        except Exception as err:  # noqa: BLE001  (the cluster's errors: a model that will not load, ...)
+            from pipeline.runner import root_cause
+
+            print(f"gitcap run: failed: {root_cause(err)}; what was committed stays, rerun to resume", file=sys.stderr)
+            return 1
         finally:
             progress.close()
     print(json.dumps(summary.to_dict(), indent=1) if args.json else format_summary(summary))

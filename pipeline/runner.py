@@ -177,7 +177,7 @@ def run_caption_job(
             writer.flush()
         except BaseException as err:
             # What is committed stays committed; the record says why this run stopped.
-            progress.write_run({**run, "state": f"failed: {type(err).__name__}: {err}"[:500]})
+            progress.write_run({**run, "state": f"failed: {root_cause(err)}"})
             raise
 
     _failpoint("before-finish")
@@ -457,6 +457,13 @@ def _summary(job, run_id, shards, manifests, committed, counts, started, first_r
         startup_s=(first_result - started) if first_result else None,
         images_per_s=_speed(counts, first_result),
     )
+
+
+def root_cause(err: BaseException) -> str:
+    """One line for an error: Ray wraps a worker's exception (a model that fails to load, say)
+    in a traceback, whose last line names the original."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:500]
 
 
 _failpoint_hits: Counter = Counter()

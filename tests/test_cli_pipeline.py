@@ -72,3 +72,17 @@ def test_demo_shows_captions_beside_the_truth(tmp_path, tiny_model, capsys):
     assert "captioning 12 synthetic scenes" in printed
     assert "truth" in printed.splitlines()[1] and "exact match: " in printed and "/12 = " in printed
     assert len([line for line in printed.splitlines() if re.match(r"\d{5}/\d{9} ", line)]) == 8
+
+
+def test_a_model_that_cannot_load_fails_the_run_in_one_line(tmp_path, tiny_model, capsys):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")  # passes preflight, fails in the actor
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=2)
+
+    assert main(["run", spec(tmp_path, str(broken)), "--num-cpus", "2", "--no-progress"]) == 1
+    assert "gitcap run: failed: gitmodel.checkpoint.CheckpointError: " in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "failed: gitmodel.checkpoint.CheckpointError" in capsys.readouterr().out
