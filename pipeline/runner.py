@@ -124,77 +124,123 @@ def run_caption_job(
     """Run or resume `job` on the Ray cluster this process is connected to (`ray.init` first)."""
     started = time.time()
     model_path, model_id = resolve_model(job.model.path)
-    folder = Folder(job.output.path, job.output.storage_options)
-    progress = JobProgress(folder)
+    progress = JobProgress(Folder(job.output.path, job.output.storage_options))
     inp = job.input
     _, shards = progress.start(
         job, lambda: list_shards(inp.path, inp.format, inp.storage_options, inp.images_per_shard), model_id
     )
-    manifests = progress.reconcile()
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
-    run = new_run_record(run_id, retry_failed)
+    manifests = progress.reconcile()  # the committed shards, rebuilt from the data files if need be
+    run = _Run(progress, started, retry_failed, len(shards), _committed_shards(manifests))
 
-    assembler = ShardAssembler()
     if retry_failed:
         tasks, targets = _retry_tasks(progress, manifests, shards)
-        writer: _Writer = _RetryWriter(progress, job, model_id, run_id, targets, manifests, shards)
+        writer: _Writer = _RetryWriter(progress, job, model_id, run.id, targets, manifests, shards)
     else:
-        done = {s for m in manifests.values() for s in m["shards"]}
-        tasks = [ShardTask(s) for s in shards if s.uri not in done]
-        writer = _WaveWriter(progress, job, model_id, run_id, _wave_size(job, len(tasks)), commit_interval_s)
-
-    storage_failed: dict[str, str] = {}
-    counts: Counter = Counter()
-    first_result = None
+        tasks = [ShardTask(s) for s in shards if s.uri not in run.done_before]
+        writer = _WaveWriter(progress, job, model_id, run.id, _wave_size(job, len(tasks)), commit_interval_s)
     if tasks:
-        progress.write_run(run)
-        done_before = len({s for m in manifests.values() for s in m["shards"]})
+        run.execute(_captioned_blocks(job, tasks, model_path), writer, len(tasks), progress_callback)
+
+    _failpoint("before-finish")
+    return run.finish(job, writer, bool(tasks))
+
+
+class _Run:
+    """One run's loop on the driver: results in, shards assembled, waves committed, its record kept."""
+
+    def __init__(self, progress: JobProgress, started: float, retry_failed: bool, shards_total: int,
+                 done_before: set[str]):
+        self.progress, self.started, self.retry_failed = progress, started, retry_failed
+        self.shards_total, self.done_before = shards_total, done_before
+        self.id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
+        self.record = new_run_record(self.id, retry_failed)
+        self.counts: Counter = Counter()
+        self.first_result: float | None = None
+        self.storage_failed: dict[str, str] = {}
+
+    def execute(self, blocks: Iterator[pa.Table], writer: _Writer, shards_todo: int,
+                progress_callback: Callable[[ProgressUpdate], None] | None) -> None:
+        self.progress.write_run(self.record)
+        assembler = ShardAssembler()
         try:
-            for block in _captioned_blocks(job, tasks, model_path):
-                images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
-                if first_result is None:
-                    first_result, counts["startup_images"] = time.time(), images
-                counts["images"] += images
-                counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+            for block in blocks:
+                self._count(block)
                 for shard in assembler.add(block):
-                    if shard.storage_error:
-                        storage_failed[shard.uri] = shard.storage_error
+                    if shard.storage_error:  # not committed: the next run retries it
+                        self.storage_failed[shard.uri] = shard.storage_error
                         continue
                     writer.add(shard)
                     if writer.due():
                         writer.flush()
-                        run.update(shards_committed=writer.shards_committed, images=counts["images"],
-                                   startup_s=first_result - started, images_per_s=_speed(counts, first_result))
-                        progress.write_run(run)
-                if time.time() - run["updated_at"] > HEARTBEAT_S:
-                    progress.write_run(run)  # a heartbeat: this run is alive, others must wait
+                        self._save(writer)
+                if time.time() - self.record["updated_at"] > HEARTBEAT_S:
+                    self.progress.write_run(self.record)  # a heartbeat: this run is alive, others must wait
                 if progress_callback:
                     progress_callback(ProgressUpdate(
-                        shards_total=len(shards), shards_done=done_before + writer.shards_committed,
-                        shards_todo=len(tasks), images=counts["images"], failed=counts["failed"],
-                        elapsed_s=time.time() - started, images_per_s=_speed(counts, first_result),
+                        shards_total=self.shards_total, shards_done=len(self.done_before) + writer.shards_committed,
+                        shards_todo=shards_todo, images=self.counts["images"], failed=self.counts["failed"],
+                        elapsed_s=time.time() - self.started, images_per_s=self.speed(),
                     ))
             writer.flush()
         except BaseException as err:
             # What is committed stays committed; the record says why this run stopped.
-            progress.write_run({**run, "state": f"failed: {root_cause(err)}"})
+            self.progress.write_run({**self.record, "state": f"failed: {root_cause(err)}"})
             raise
 
-    _failpoint("before-finish")
-    manifests = progress.reconcile(repair=False)
-    summary = _summary(job, run_id, shards, manifests, writer.shards_committed, counts, started, first_result)
-    summary.retried = retry_failed
-    for uri, error in storage_failed.items():
-        summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})
-    if not tasks:
-        summary.notes.append("nothing to do: every shard is committed" if not retry_failed else "no failed rows to retry")
-    run.update(state="finished", finished_at=time.time(), shards_committed=writer.shards_committed,
-               images=counts["images"], images_per_s=summary.images_per_s, startup_s=summary.startup_s)
-    if tasks:
-        progress.write_run(run)
-    if summary.complete and not progress.folder.exists(SUCCESS_FILE):
-        progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
-    return summary
+    def _count(self, block: pa.Table) -> None:
+        images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
+        if self.first_result is None:
+            self.first_result, self.counts["startup_images"] = time.time(), images
+        self.counts["images"] += images
+        self.counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+
+    def _save(self, writer: _Writer, **values: Any) -> None:
+        self.record.update(shards_committed=writer.shards_committed, images=self.counts["images"],
+                           startup_s=self.startup(), images_per_s=self.speed(), **values)
+        self.progress.write_run(self.record)
+
+    def speed(self) -> float | None:
+        """Images/s since the first result arrived: start-up (Ray, model loading) is not in it."""
+        elapsed = time.time() - self.first_result if self.first_result else 0
+        return (self.counts["images"] - self.counts["startup_images"]) / elapsed if elapsed > 0.5 else None
+
+    def startup(self) -> float | None:
+        return self.first_result - self.started if self.first_result else None
+
+    def finish(self, job: CaptionJob, writer: _Writer, worked: bool) -> RunSummary:
+        manifests = self.progress.reconcile(repair=False)
+        errors: Counter = Counter()
+        for m in manifests.values():
+            errors.update(m.get("errors", {}))
+        summary = RunSummary(
+            output=job.output.path,
+            run_id=self.id,
+            shards_total=self.shards_total,
+            shards_done=len(_committed_shards(manifests)),
+            shards_this_run=writer.shards_committed,
+            images_ok=sum(m["ok"] for m in manifests.values()),
+            images_failed=sum(m["failed"] for m in manifests.values()),
+            images_this_run=self.counts["images"],
+            errors=dict(errors),
+            failed_sources=[f for m in manifests.values() for f in m.get("failed_sources", [])],
+            elapsed_s=time.time() - self.started,
+            startup_s=self.startup(),
+            images_per_s=self.speed(),
+            retried=self.retry_failed,
+        )
+        for uri, error in self.storage_failed.items():
+            summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})
+        if not worked:
+            summary.notes.append("no failed rows to retry" if self.retry_failed else "nothing to do: every shard is committed")
+        else:
+            self._save(writer, state="finished", finished_at=time.time())
+        if summary.complete and not self.progress.folder.exists(SUCCESS_FILE):
+            self.progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
+        return summary
+
+
+def _committed_shards(manifests: dict[str, dict]) -> set[str]:
+    return {shard for manifest in manifests.values() for shard in manifest["shards"]}
 
 
 # --- the Ray Data part ------------------------------------------------------------------------
@@ -429,34 +475,6 @@ def _wave_size(job: CaptionJob, shards: int) -> int:
     if job.compute.shards_per_wave:
         return job.compute.shards_per_wave
     return max(1, min(16, shards // (4 * job.compute.workers)))
-
-
-def _speed(counts: Counter, first_result: float | None) -> float | None:
-    """Images/s since the first result arrived: start-up (Ray, model loading) is not in it."""
-    elapsed = time.time() - first_result if first_result else 0
-    return (counts["images"] - counts["startup_images"]) / elapsed if elapsed > 0.5 else None
-
-
-def _summary(job, run_id, shards, manifests, committed, counts, started, first_result) -> RunSummary:
-    done = {s for m in manifests.values() for s in m["shards"]}
-    errors: Counter = Counter()
-    for m in manifests.values():
-        errors.update(m.get("errors", {}))
-    return RunSummary(
-        output=job.output.path,
-        run_id=run_id,
-        shards_total=len(shards),
-        shards_done=len(done),
-        shards_this_run=committed,
-        images_ok=sum(m["ok"] for m in manifests.values()),
-        images_failed=sum(m["failed"] for m in manifests.values()),
-        images_this_run=counts["images"],
-        errors=dict(errors),
-        failed_sources=[f for m in manifests.values() for f in m.get("failed_sources", [])],
-        elapsed_s=time.time() - started,
-        startup_s=(first_result - started) if first_result else None,
-        images_per_s=_speed(counts, first_result),
-    )
 
 
 def root_cause(err: BaseException) -> str:
