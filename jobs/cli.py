@@ -183,12 +183,20 @@ def demo_command(args: argparse.Namespace) -> int:
     from jobs.console import ProgressLine, ray_session
     from jobs.demo import demo_job, demo_result, format_demo
     from jobs.spec import preflight
+    from pipeline.job import JobConfigError
     from pipeline.runner import run_caption_job
 
     if args.count < 1:
         raise ValueError(f"--count must be at least 1, got {args.count}")
     job = demo_job(args.out, args.count, args.model, args.batch_size, args.workers)
-    preflight(job)  # says so, naming model.path, when this install has no bundled model
+    try:
+        preflight(job)
+    except JobConfigError as err:
+        if err.field != "model.path" or args.model:
+            raise
+        print("gitcap demo: this install has no bundled model yet: make it with "
+              "`gitcap train-bundled --out gitmodel/bundled`, or pass --model PATH", file=sys.stderr)
+        return USAGE_ERROR
     print(f"captioning {args.count} synthetic scenes from {args.out}/scenes into {args.out}/captions")
     progress = ProgressLine()
     with ray_session(num_cpus=args.num_cpus):

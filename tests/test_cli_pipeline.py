@@ -86,3 +86,16 @@ def test_a_model_that_cannot_load_fails_the_run_in_one_line(tmp_path, tiny_model
     assert "gitcap run: failed: gitmodel.checkpoint.CheckpointError: " in capsys.readouterr().err
     assert main(["status", str(tmp_path / "out")]) == 0
     assert "failed: gitmodel.checkpoint.CheckpointError" in capsys.readouterr().out
+
+
+def test_demo_with_the_bundled_model_or_a_clear_message(tmp_path, capsys):
+    from pipeline.captioner import resolve_model
+
+    try:
+        resolve_model(None)
+    except FileNotFoundError:
+        assert main(["demo", "--count", "4", "--out", str(tmp_path / "demo")]) == 2
+        assert "no bundled model yet" in capsys.readouterr().err
+        return
+    assert main(["demo", "--count", "16", "--out", str(tmp_path / "demo"), "--num-cpus", "2"]) == 0
+    assert "exact match: " in capsys.readouterr().out
