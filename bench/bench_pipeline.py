@@ -60,8 +60,9 @@ def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
             "import sys, torch\n"
             "from gitmodel import GitForCausalLM\nfrom jobs.finetune import BundledRecipe\n"
             "from tests.tiny_processor import save_tiny_processor\n"
-            "torch.manual_seed(0)\nrecipe = BundledRecipe()\n"
-            "GitForCausalLM(recipe.config()).save_pretrained(sys.argv[1])\n"
+            "torch.manual_seed(0)\nrecipe = BundledRecipe()\nconfig = recipe.config()\n"
+            "config.vocab_size = recipe.vocab_size\n"  # as trained: its own small WordPiece vocabulary
+            "GitForCausalLM(config).save_pretrained(sys.argv[1])\n"
             "save_tiny_processor(sys.argv[1], image_size=recipe.image_size)\n"
         ), folder], check=True, cwd=REPO, capture_output=True)
         return folder, "untrained stand-in of the bundled model's shape (bundled model not built yet)"
