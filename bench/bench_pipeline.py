@@ -193,7 +193,7 @@ def measure_redo(inputs: str, work: str, model: str, args) -> dict:
     ray.shutdown()
     return {
         "killed_after_commit": kill_after, "of_waves": waves, "killed_rc": run.returncode,
-        # Rows the killed driver had received (reported after each batch, so up to one batch
+        # Rows the killed driver had received (reported after each result block, so up to a block
         # short) and committed: the rerun must caption exactly the images not committed.
         "received_before_kill": received, "committed_before_kill": committed,
         "rerun_images": summary.images_this_run, "expected_rerun_images": args.images - committed,
