@@ -281,3 +281,31 @@ def test_the_bundled_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert BUNDLED_COMMAND in card and "exact match" in card
     assert GitForCausalLM.from_pretrained(tmp_path / "model").config.vision_config.image_size == 32
+
+
+def test_samples_without_a_caption_or_a_decodable_image_are_skipped_and_counted(tmp_path):
+    import io
+    import tarfile
+
+    from jobs.finetune import PairStats, caption_dataset
+    from pipeline.scenes import encode_image
+
+    good = encode_image(make_scene(5, 0, size=(32, 32)).image)
+    members = [
+        ("a.jpg", good), ("a.txt", b"a red star"),
+        ("b.jpg", good),  # no caption
+        ("c.jpg", b"\xff\xd8\xff" + b"\x00" * 50), ("c.txt", b"a broken image"),
+        ("d.jpg", good), ("d.json", b'{"caption": "from the json"}'),
+    ]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stats = PairStats()
+    pairs = list(read_pairs(str(tmp_path), "webdataset", stats=stats))
+    assert [p.caption for p in pairs] == ["a red star", "a broken image", "from the json"]
+    processor = starting_point(config=tiny_config(), captions=["a red star"], vocab_size=40)[1]
+    data = caption_dataset(processor, pairs, max_length=32, stats=stats)
+    assert data.captions == ["a red star", "from the json"]
+    assert stats.pairs == 2 and stats.skipped == {"no_caption": 1, "truncated": 1}
