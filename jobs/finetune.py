@@ -14,6 +14,7 @@ of each sample's key (the same samples every run). Training itself is `gitmodel.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from gitmodel import GitConfig, GitForCausalLM, GitImageProcessor, GitProcessor, GitTokenizer, GitVisionConfig
+from gitmodel.tokenization import SPECIAL_TOKENS, bert_wordpiece
 from gitmodel.training import CaptionDataset, TrainingArguments, evaluate, fresh_model, train
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.sources import Record, list_shards, read_shard
@@ -171,12 +173,13 @@ def starting_point(
         return loaded, processor
 
     if isinstance(config, str):
-        config = GitConfig.from_pretrained(config, storage_options) if not config.endswith(".json") else _read_config(config)
+        config = _read_config(config) if config.endswith(".json") else GitConfig.from_pretrained(config, storage_options)
+    config = copy.deepcopy(config)  # its vocabulary and special ids are set below
     if processor is None:
         if not captions:
             raise ValueError("a fresh model without a processor needs captions to train its tokenizer on")
         size = config.vision_config.image_size
-        tokenizer = GitTokenizer.train_wordpiece(captions, vocab_size=vocab_size)
+        tokenizer = train_tokenizer(captions, vocab_size)
         processor = GitProcessor(GitImageProcessor(size={"shortest_edge": size}, crop_size=size), tokenizer)
     tokenizer = processor.tokenizer
     config.vocab_size = len(tokenizer)
@@ -185,6 +188,31 @@ def starting_point(
     )
     _check_image_size(processor, config)
     return fresh_model(config, seed), processor
+
+
+def train_tokenizer(captions: list[str], vocab_size: int) -> GitTokenizer:
+    """A BERT-style WordPiece tokenizer trained on `captions`, with ids in a fixed order: the special
+    tokens ([PAD]=0, [UNK], [CLS], [SEP], [MASK]), then the other tokens sorted.
+
+    The trainer breaks ties between equally frequent pairs differently from run to run, which changes
+    the ids it hands out and the intermediate pieces it passes through on the way to whole words
+    (`righ`, `##ght`). When every caption word ended up whole, those pieces are never used and are
+    dropped, which leaves the characters and the words: then the tokenizer is a pure function of the
+    captions (as for the bundled model). Otherwise the trained pieces are all kept, in sorted order.
+    """
+    trained = GitTokenizer.train_wordpiece(captions, vocab_size=vocab_size)
+    backend = trained.backend_tokenizer
+    learned = set(backend.get_vocab(with_added_tokens=False))
+    words = {
+        word
+        for caption in captions
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))
+    }
+    if words <= learned:
+        learned = words | {token for token in learned if len(token.removeprefix("##")) == 1}
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {token: i for i, token in enumerate(specials + sorted(learned - set(specials)))}
+    return GitTokenizer(bert_wordpiece(vocab), model_max_length=trained.model_max_length)
 
 
 def _read_config(path: str) -> GitConfig:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from gitmodel import GitConfig, GitForCausalLM, GitProcessor, GitVisionConfig
+from gitmodel import GitConfig, GitForCausalLM, GitProcessor, GitVisionConfig, bundled_model_path
 from gitmodel.training import (
     IGNORE_INDEX,
     CaptionDataset,
@@ -22,7 +22,7 @@ from gitmodel.training import (
     sincos_positions,
 )
 from jobs.cli import main
-from jobs.finetune import held_out, read_pairs, starting_point
+from jobs.finetune import held_out, read_pairs, starting_point, train_tokenizer
 from pipeline.scenes import make_scene, write_scenes
 
 OFFICIAL_FILES = {
@@ -240,6 +240,19 @@ def test_a_fresh_vision_tower_starts_with_sine_cosine_patch_positions():
     assert torch.equal(fresh_model(tiny_config(), seed=1).output.weight, model.output.weight)
 
 
+def test_a_tokenizer_trained_on_scene_captions_is_the_same_every_time_and_keeps_words_whole():
+    from pipeline.scenes import generate_scenes, vocabulary
+
+    captions = [s.caption for s in generate_scenes(200, seed=1)]
+    first, second = train_tokenizer(captions, 256), train_tokenizer(captions, 256)
+    assert first.backend_tokenizer.get_vocab() == second.backend_tokenizer.get_vocab()
+    assert all(len(first.encode(word, add_special_tokens=False)) == 1 for word in vocabulary())
+    assert [first.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    # Too small a vocabulary for whole words: every trained piece is kept, so captions stay short.
+    small = train_tokenizer(captions, 80)
+    assert len(small) == 80 and len(small.encode("a large yellow circle")) < len("alargeyellowcircle") + 2
+
+
 def test_a_fresh_model_and_its_tokenizer_share_the_special_ids():
     model, processor = starting_point(config=tiny_config(), captions=["a red star", "a blue circle"], vocab_size=60)
     tokenizer = processor.tokenizer
@@ -281,6 +294,20 @@ def test_the_bundled_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert BUNDLED_COMMAND in card and "exact match" in card
     assert GitForCausalLM.from_pretrained(tmp_path / "model").config.vision_config.image_size == 32
+    # The same command gives the same model.
+    train_bundled(str(tmp_path / "again"), str(tmp_path / "work-again"), recipe, progress=False, log=lambda *_: None)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+
+
+def test_finetuning_starts_from_the_bundled_model_by_default(scenes_dir, tmp_path):
+    from jobs.finetune import finetune
+
+    metrics = finetune(
+        str(scenes_dir / "webdataset"), args_for(tmp_path, max_steps=2, learning_rate=1e-5, eval_every=0),
+        eval_fraction=0.25, log=lambda *_: None,
+    )
+    tuned, bundled = GitForCausalLM.from_pretrained(tmp_path), GitForCausalLM.from_pretrained(bundled_model_path())
+    assert tuned.config.to_dict() == bundled.config.to_dict() and metrics["exact_match"] > 0.5
 
 
 def test_samples_without_a_caption_or_a_decodable_image_are_skipped_and_counted(tmp_path):
