@@ -290,7 +290,7 @@ class BundledRecipe:
     train_scenes: int = 60_000
     eval_scenes: int = 500
     test_scenes: int = 500
-    vocab_size: int = 256  # the trainer stops at the ~140 tokens the captions need: every word whole
+    vocab_size: int = 256  # an upper bound: 77 tokens are kept, every caption word whole plus the characters
     image_size: int = 96
     patch_size: int = 12
     vision_hidden: int = 128
