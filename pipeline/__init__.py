@@ -4,7 +4,9 @@
     decode    image bytes -> an 8-bit PIL image, or a reason code
     stages    read + decode + crop to uint8, one shard per CPU task (Ray Data map_batches)
     captioner the GIT actor: normalise on its device, generate, decode text
+    quality   caption quality flags (words, flags columns) for every output row
     sink      captioned rows -> Parquet data files, published atomically (the commit)
+    views     derived from the committed files: the filtered view, WebDataset tars, the card (card)
     progress  manifests, run records and status beside the output
     runner    run_caption_job: the stages on Ray Data, waves of commits, exactly-once resume
 

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.quality import FLAG_CODES
+
 INPUT_FORMATS = ("webdataset", "parquet", "images")
 
 
@@ -101,14 +103,54 @@ class GenerationConfig:
 
 
 @dataclass
+class QualityConfig:
+    """The thresholds of the quality flags every output row gets (pipeline.quality)."""
+
+    min_words: int = 3  # fewer words: too_short
+    max_words: int = 40  # more words: too_long
+    min_score: float | None = None  # a lower score (mean token log-prob): low_score; None: no such flag
+
+    def validate(self, name: str) -> None:
+        _positive(f"{name}.min_words", self.min_words)
+        if self.max_words < self.min_words:
+            raise JobConfigError(
+                f"{name}.max_words", f"must be at least min_words ({self.min_words}), got {self.max_words}"
+            )
+
+
+@dataclass
+class FilterConfig:
+    """Which rows the filtered view keeps: those without an error and without any of `drop_flags`."""
+
+    drop_flags: list[str] = field(default_factory=lambda: list(FLAG_CODES))
+
+    def validate(self, name: str) -> None:
+        for code in self.drop_flags:
+            if code not in FLAG_CODES:
+                raise JobConfigError(f"{name}.drop_flags", f"unknown flag {code!r} (flags: {', '.join(FLAG_CODES)})")
+
+
+@dataclass
 class OutputConfig:
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     include_image: bool = False  # the image bytes as a Hugging Face datasets {bytes, path} column
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    filter: FilterConfig | None = None  # the filtered view (pipeline.views); None: no view
+    webdataset: bool = False  # WebDataset tars of the ok rows (pipeline.views); needs include_image
 
     def validate(self, name: str) -> None:
         if not self.path:
             raise JobConfigError(f"{name}.path", "is required")
+        self.quality.validate(f"{name}.quality")
+        if self.filter is not None:
+            self.filter.validate(f"{name}.filter")
+        if self.webdataset and not self.include_image:
+            # The tars are derived from the committed Parquet files alone (that is what makes them
+            # exactly-once and repairable), so the image bytes must be in those files.
+            raise JobConfigError(
+                f"{name}.webdataset", "needs output.include_image: true (the tars are built from the output files)"
+            )
 
 
 @dataclass
@@ -154,13 +196,15 @@ class CaptionJob:
         return dataclasses.asdict(self)
 
     def decisive_settings(self) -> dict[str, Any]:
-        """What decides the output rows: input, model and generation settings (not compute, not credentials)."""
+        """What decides the output rows: input, model and generation settings, and the thresholds of
+        the quality flags. Not compute, not credentials, and not the views (output.filter,
+        output.webdataset): those are rebuilt from the rows whenever they change."""
         return {
             "input": {"path": self.input.path, "format": self.input.format, "image_column": self.input.image_column,
                       "images_per_shard": self.input.images_per_shard},
             "model": {"path": self.model.path},
             "generation": dataclasses.asdict(self.generation),
-            "output": {"include_image": self.output.include_image},
+            "output": {"include_image": self.output.include_image, "quality": dataclasses.asdict(self.output.quality)},
         }
 
     def fingerprint(self) -> str:
@@ -170,7 +214,7 @@ class CaptionJob:
 
 def _build(cls: type, values: Any, prefix: str):
     if not isinstance(values, dict):
-        raise JobConfigError(prefix or "job", f"expected a mapping, got {type(values).__name__}")
+        raise JobConfigError(prefix.rstrip(".") or "job", f"expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -199,6 +243,8 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
             return None
         raise JobConfigError(name, "must not be empty")
     for option in options:
+        if dataclasses.is_dataclass(option):  # an optional section, such as output.filter
+            return _build(option, value, f"{name}.")
         if _matches(option, value):
             return float(value) if option is float else value
     expected = " or ".join(_type_name(o) for o in options if o is not type(None))

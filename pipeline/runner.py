@@ -62,6 +62,7 @@ from pipeline.sink import output_table, file_summary
 from pipeline.sources import Shard, list_shards
 from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
+from pipeline.views import finish_dataset, publish_views
 
 COMMIT_INTERVAL_S = 60.0
 PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task
@@ -234,6 +235,7 @@ class _Run:
             summary.notes.append("no failed rows to retry" if self.retry_failed else "nothing to do: every shard is committed")
         else:
             self._save(writer, state="finished", finished_at=time.time())
+        finish_dataset(self.progress.folder, job, manifests, summary.complete)  # views repaired, card
         if summary.complete and not self.progress.folder.exists(SUCCESS_FILE):
             self.progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
         return summary
@@ -399,6 +401,7 @@ class _WaveWriter(_Writer):
         _failpoint("after-data")
         self.progress.write_commit(name, {**info, "size": size})
         _failpoint("after-commit")
+        publish_views(self.progress.folder, self.job.output, name, table, {**info, "size": size})
         self.shards_committed += len(wave)
         self.last_commit = time.time()
 
@@ -434,6 +437,7 @@ class _RetryWriter(_Writer):
                     "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
             size = sink.write(name, table, info)  # replaces the old file in one step
             self.progress.write_commit(name, {**info, "size": size})
+            publish_views(self.progress.folder, self.job.output, name, table, {**info, "size": size})
             self.shards_committed += len(shards)
         self.ready.clear()
 
@@ -467,7 +471,8 @@ def _source_to_shard(file_shards: list[str], sources: list[str], by_uri: dict[st
 
 def _output(job: CaptionJob, model_id: str, parts: list[pa.Table]) -> pa.Table:
     rows = pa.concat_tables(parts)
-    return output_table(rows, model_id, job.generation.num_return_sequences > 1, job.output.include_image)
+    return output_table(rows, model_id, job.generation.num_return_sequences > 1, job.output.include_image,
+                        job.output.quality)
 
 
 def _wave_size(job: CaptionJob, shards: int) -> int:

@@ -6,10 +6,11 @@ metadata). So the set of `*.parquet` files in the folder *is* the committed outp
 pandas, pyarrow, DuckDB and Hugging Face `datasets` read; bookkeeping lives in the hidden `.gitcap/`.
 
 Columns: key, source, caption, score (mean token log-prob), error ("reason: message", null on
-success), width, height (original, upright), model; with num_return_sequences > 1 also captions
-and scores (best first); with output.include_image the image as a Hugging Face {bytes, path}
-struct; then the source's metadata (WebDataset members by extension, Parquet's other columns).
-A metadata column whose name is taken gets the prefix `source_`.
+success), width, height (original, upright), model, words and flags (the best caption's word
+count and quality flags, see pipeline.quality; null on error rows); with num_return_sequences > 1
+also captions and scores (best first); with output.include_image the image as a Hugging Face
+{bytes, path} struct; then the source's metadata (WebDataset members by extension, Parquet's
+other columns). A metadata column whose name is taken gets the prefix `source_`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 import json
 import pickle
 from collections import Counter
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.job import QualityConfig
+from pipeline.quality import quality_columns
 from pipeline.storage import Folder
 
 FOOTER_KEY = b"gitcap"
@@ -37,16 +40,20 @@ BASE_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("model", pa.string()),
 ]
+QUALITY_FIELDS = [pa.field("words", pa.int32()), pa.field("flags", pa.list_(pa.string()))]
 MULTI_FIELDS = [pa.field("captions", pa.list_(pa.string())), pa.field("scores", pa.list_(pa.float32()))]
-RESERVED = frozenset(f.name for f in BASE_FIELDS + MULTI_FIELDS) | {"image"}
+RESERVED = frozenset(f.name for f in BASE_FIELDS + QUALITY_FIELDS + MULTI_FIELDS) | {"image"}
 
 
-def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool) -> pa.Table:
-    """Captioner rows (markers removed) as output rows, in (shard, seq) order."""
+def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool,
+                 quality: QualityConfig | None = None) -> pa.Table:
+    """Captioner rows (markers removed) as output rows, in (shard, seq) order, flagged by `quality`
+    (default thresholds when None)."""
     rows = rows.take(pc.sort_indices(rows, [("shard", "ascending"), ("seq", "ascending")]))
     columns: dict[str, pa.Array] = {f.name: rows[f.name].cast(f.type) for f in BASE_FIELDS if f.name != "model"}
     columns["model"] = pa.array([model_id] * rows.num_rows, pa.string())
-    fields = list(BASE_FIELDS)
+    columns["words"], columns["flags"] = quality_columns(rows["caption"], rows["score"], quality or QualityConfig())
+    fields = BASE_FIELDS + QUALITY_FIELDS
     if multi:
         columns.update(captions=rows["captions"], scores=rows["scores"])
         fields += MULTI_FIELDS
@@ -102,6 +109,15 @@ def file_summary(table: pa.Table, shards: list[str]) -> dict[str, Any]:
     }
 
 
+def write_parquet(table: pa.Table, f: BinaryIO) -> None:
+    """`table` as Parquet into `f`; an empty table as a file with no row groups, because Hugging
+    Face `datasets` fails on a row group of zero rows (and skips a file with none)."""
+    if table.num_rows:
+        pq.write_table(table, f, compression="zstd")
+    else:
+        pq.ParquetWriter(f, table.schema, compression="zstd").close()
+
+
 class ParquetSink:
     """The committed data files under an output folder."""
 
@@ -116,7 +132,7 @@ class ParquetSink:
         """Publish `table` as `name` (replacing any file of that name, atomically); returns its size."""
         metadata = {**(table.schema.metadata or {}), FOOTER_KEY: json.dumps(info, sort_keys=True).encode()}
         with self.folder.publish(name) as f:
-            pq.write_table(table.replace_schema_metadata(metadata), f, compression="zstd")
+            write_parquet(table.replace_schema_metadata(metadata), f)
             return f.tell()
 
     def read(self, name: str, columns: list[str] | None = None) -> pa.Table:

@@ -166,7 +166,7 @@ def test_metadata_columns_keep_their_types_and_never_shadow_ours():
         "image": pa.array([None, None], pa.binary()), "caption": ["c1", "c0"], "score": pa.array([-1.0, -2.0], pa.float32()),
     })
     table = output_table(rows, "model-x", multi=False, include_image=False)
-    assert table.column_names == ["key", "source", "caption", "score", "error", "width", "height", "model",
+    assert table.column_names == ["key", "source", "caption", "score", "error", "width", "height", "model", "words", "flags",
                                   "source_caption", "n", "maybe", "mixed"]
     assert table["key"].to_pylist() == ["k0", "k1"]  # shard, then seq order
     assert table["source_caption"].to_pylist() == ["t2", "truth"]

@@ -1,0 +1,79 @@
+"""Caption quality flags: what a dataset builder wants to know about each caption, as columns.
+
+No row is dropped for its caption. Each output row gets `words` (the best caption's word count)
+and `flags` (a list of codes, empty when nothing is wrong); `output.filter` then selects rows for
+the filtered view from the flags (see pipeline.views). The codes, always in this order:
+
+    empty           the caption has no words (then no length flag)
+    too_short       fewer than output.quality.min_words words
+    too_long        more than output.quality.max_words words
+    repeated_ngram  a run of two or more words immediately repeated ("a dog a dog", "on the left
+                    on the left") or one word three times in a row ("very very very"): the loops
+                    a decoder falls into. A word repeated with others between ("a man on a horse
+                    on a beach") is ordinary English and is not flagged.
+    low_score       score (mean token log-prob) below output.quality.min_score, when that is set
+
+Words are runs of letters and digits (an apostrophe inside a word keeps it whole), compared
+without regard to case; punctuation is not a word. An error row has no caption, so its `words`
+and `flags` are null: "not assessed", which an empty list would misstate as "fine".
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pipeline.job import QualityConfig
+
+FLAG_CODES = ("empty", "too_short", "too_long", "repeated_ngram", "low_score")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+
+
+def caption_words(caption: str) -> list[str]:
+    """The caption's words, lower-cased."""
+    return [word.lower() for word in _WORD.findall(caption)]
+
+
+def has_repeated_ngram(words: list[str]) -> bool:
+    """True when some n >= 2 words are immediately repeated, or one word comes three times in a row."""
+    for start in range(len(words)):
+        for n in range(1, (len(words) - start) // 2 + 1):
+            gram = words[start : start + n]
+            if gram == words[start + n : start + 2 * n] and (n > 1 or words[start + 2 : start + 3] == gram):
+                return True
+    return False
+
+
+def caption_flags(words: list[str], score: float | None, rules: QualityConfig) -> list[str]:
+    """The flag codes of one caption, given its words and score."""
+    flags = []
+    if not words:
+        flags.append("empty")
+    elif len(words) < rules.min_words:
+        flags.append("too_short")
+    elif len(words) > rules.max_words:
+        flags.append("too_long")
+    if has_repeated_ngram(words):
+        flags.append("repeated_ngram")
+    if rules.min_score is not None and score is not None and score < rules.min_score:
+        flags.append("low_score")
+    return flags
+
+
+def quality_columns(
+    captions: pa.ChunkedArray, scores: pa.ChunkedArray, rules: QualityConfig
+) -> tuple[pa.Array, pa.Array]:
+    """The `words` and `flags` columns for output rows: null where there is no caption (error rows)."""
+    words, flags = [], []
+    for caption, score in zip(captions.to_pylist(), scores.to_pylist()):
+        if caption is None:
+            words.append(None)
+            flags.append(None)
+            continue
+        found = caption_words(caption)
+        words.append(len(found))
+        flags.append(caption_flags(found, score, rules))
+    return pa.array(words, pa.int32()), pa.array(flags, pa.list_(pa.string()))

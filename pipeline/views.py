@@ -1,0 +1,154 @@
+"""Step 5 of the data path: what is derived from the committed data files, for dataset builders.
+
+    OUTPUT/part-X.parquet                     every row: the commit (pipeline.sink)
+    OUTPUT/__dataset__/filtered/part-X.parquet  the rows output.filter keeps (no error, none of its flags)
+    OUTPUT/__dataset__/webdataset/part-X.tar    the ok rows as WebDataset samples (output.webdataset)
+    OUTPUT/__dataset__/README.md              the dataset card (pipeline.card), once the job is complete
+    OUTPUT/.gitcap/views/part-X.json          which version of part-X.parquet its views were built
+                                              from, with which settings, and its statistics
+
+Why `__dataset__`: every reader of OUTPUT must see each row once. pyarrow and pandas read every
+file below the folder except under names starting with `.` or `_`; Hugging Face `datasets`
+(`load_dataset("parquet", data_dir=OUTPUT)` or `load_dataset(OUTPUT)`) reads `_filtered/` (its
+rows would be counted twice) and skips only `.` names and folders starting with `__`; DuckDB's
+`OUTPUT/*.parquet` does not descend. A `__` folder is the one visible name all four skip. The card
+cannot be `OUTPUT/README.md`: pyarrow and pandas would try to read it as Parquet and fail.
+
+Exactly-once, as the data files are: each view file is named after its data file and published
+whole (`Folder.publish`), so building it again replaces it, never adds to it. The views of a file
+are built right after it is committed (from the table still in memory), then its record is
+written. `finish_dataset`, at the end of every run, rebuilds from the data file any view whose
+record is missing (a crash between commit and views), names an older version of the file
+(`--retry-failed` republishes files under their own names) or other view settings (output.filter
+and output.webdataset may change between runs: they are not part of the job's fingerprint), and
+deletes views of files or settings that no longer exist. Then, once every shard is committed, it
+writes the card.
+
+WebDataset samples: `KEY.<ext>` (the image bytes as read, `ext` from their format), `KEY.txt`
+(the best caption) and `KEY.json` (every other column but the error: key, source, score, words,
+flags, captions and scores, width, height, model, the source's metadata). A sample's name is its
+key with each `.` made `_`, because WebDataset splits a member's name at the first dot; the JSON
+keeps the key as it is. The image bytes come from the data files, which is why the tars need
+`output.include_image`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from pipeline.card import file_stats, render_card
+from pipeline.job import CaptionJob, FilterConfig, OutputConfig
+from pipeline.progress import PROGRESS
+from pipeline.sink import ParquetSink, write_parquet
+from pipeline.storage import Folder
+
+DATASET = "__dataset__"
+FILTERED = f"{DATASET}/filtered"
+WEBDATASET = f"{DATASET}/webdataset"
+CARD_FILE = f"{DATASET}/README.md"
+RECORDS = f"{PROGRESS}/views"
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif"}  # else the format's name, lower-cased
+TAR_BATCH_ROWS = 256  # rows turned into Python objects at a time: images can be large
+
+
+def publish_views(folder: Folder, output: OutputConfig, name: str, table: pa.Table, manifest: dict[str, Any]) -> dict:
+    """Publish the views of the just-committed data file `name` (its rows: `table`), then their
+    record; returns the record."""
+    stem = name.removesuffix(".parquet")
+    kept = None
+    if output.filter is not None:
+        view = table.filter(kept_rows(table, output.filter)).replace_schema_metadata(None)
+        with folder.publish(f"{FILTERED}/{name}") as f:
+            write_parquet(view, f)
+        kept = view.num_rows
+    if output.webdataset:
+        with folder.publish(f"{WEBDATASET}/{stem}.tar") as f:
+            write_webdataset_tar(table, f, mtime=int(manifest["committed_at"]))
+    record = {"file": name, "data": _version(manifest), "views": _view_settings(output), "kept": kept,
+              "stats": file_stats(table)}
+    folder.write_json(f"{RECORDS}/{stem}.json", record)
+    return record
+
+
+def finish_dataset(folder: Folder, job: CaptionJob, manifests: dict[str, dict], complete: bool) -> None:
+    """Bring every view up to date with the committed data files (`manifests`: pipeline.progress),
+    and when the job is `complete`, write the dataset card if it says something new."""
+    records = _sync_views(folder, job.output, manifests)
+    if complete:
+        card = render_card(job, manifests, records).encode()
+        if not folder.exists(CARD_FILE) or folder.read_bytes(CARD_FILE) != card:
+            folder.write_bytes(CARD_FILE, card)
+
+
+def _sync_views(folder: Folder, output: OutputConfig, manifests: dict[str, dict]) -> dict[str, dict]:
+    stored = folder.read_many(list(folder.list(RECORDS, suffix=".json")))
+    records = {record["file"]: record for record in map(json.loads, stored.values())}
+    sink = ParquetSink(folder)
+    for name, manifest in sorted(manifests.items()):
+        record = records.get(name)
+        if record is None or record["data"] != _version(manifest) or record["views"] != _view_settings(output):
+            records[name] = publish_views(folder, output, name, sink.read(name), manifest)
+    for name in set(records) - set(manifests):
+        folder.delete(f"{RECORDS}/{name.removesuffix('.parquet')}.json")
+        del records[name]
+    stems = [name.removesuffix(".parquet") for name in manifests]
+    _delete_others(folder, FILTERED, {f"{FILTERED}/{s}.parquet" for s in stems} if output.filter else set())
+    _delete_others(folder, WEBDATASET, {f"{WEBDATASET}/{s}.tar" for s in stems} if output.webdataset else set())
+    return records
+
+
+def _delete_others(folder: Folder, prefix: str, keep: set[str]) -> None:
+    for name in set(folder.list(prefix)) - keep:
+        folder.delete(name)
+
+
+def _version(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What tells one version of a data file from another (a retry republishes it under its name)."""
+    return {"size": manifest["size"], "committed_at": manifest["committed_at"]}
+
+
+def _view_settings(output: OutputConfig) -> dict[str, Any]:
+    drop = None if output.filter is None else sorted(output.filter.drop_flags)
+    return {"filter": drop, "webdataset": output.webdataset}
+
+
+def kept_rows(table: pa.Table, rules: FilterConfig) -> pa.Array:
+    """True for the rows the filtered view keeps: no error, and none of the flags it drops."""
+    drop = set(rules.drop_flags)
+    keep = [error is None and not drop.intersection(flags or ()) for error, flags in
+            zip(table["error"].to_pylist(), table["flags"].to_pylist())]
+    return pa.array(keep, pa.bool_())
+
+
+def write_webdataset_tar(table: pa.Table, f: BinaryIO, mtime: int) -> None:
+    """The ok rows of `table` as WebDataset samples, streamed into `f` (object stores included)."""
+    ok = table.filter(pc.is_null(table["error"]))
+    described = [
+        n for n in ok.column_names if n not in ("image", "error") and not pa.types.is_binary(ok.schema.field(n).type)
+    ]
+    with tarfile.open(fileobj=f, mode="w|") as tar:
+        for batch in ok.to_batches(max_chunksize=TAR_BATCH_ROWS):
+            for image, row in zip(batch.column("image").to_pylist(), batch.select(described).to_pylist()):
+                key = row["key"].replace(".", "_")
+                _add_member(tar, f"{key}.{image_extension(image['bytes'])}", image["bytes"], mtime)
+                _add_member(tar, f"{key}.txt", row["caption"].encode(), mtime)
+                _add_member(tar, f"{key}.json", json.dumps(row, ensure_ascii=False, default=str).encode(), mtime)
+
+
+def image_extension(data: bytes) -> str:
+    """The usual file extension of encoded image bytes (only their header is read)."""
+    image_format = Image.open(io.BytesIO(data)).format
+    return IMAGE_EXTENSIONS.get(image_format, image_format.lower())
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    tar.addfile(info, io.BytesIO(data))
