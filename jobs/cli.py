@@ -12,6 +12,7 @@ import argparse
 import sys
 
 USAGE_ERROR = 2  # argparse's own exit status for bad arguments; ours match it
+STOPPED = 128 + 15  # stopped by SIGTERM: what a shell reports for a process that SIGTERM ended
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -73,7 +74,7 @@ def add_run_parser(subparsers) -> None:
         help="run or resume a captioning job",
         description="Run the job in JOB.yaml, or resume it: committed shards are skipped, so after a crash "
         "the same command finishes the job with every image exactly once. Exit status: 0 done, "
-        "2 invalid spec or settings, 3 some sources failed.",
+        "2 invalid spec or settings, 3 some sources failed, 143 stopped by SIGTERM.",
     )
     parser.add_argument("spec", metavar="JOB.yaml", help="the job spec")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -89,16 +90,19 @@ def add_run_parser(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import json
 
-    from jobs.console import ProgressLine, format_summary, ray_session
+    from jobs.console import ProgressLine, RunStopped, format_summary, ray_session, stop_on_sigterm
     from jobs.spec import load_spec, preflight
     from pipeline.runner import run_caption_job
 
     job = load_spec(args.spec, args.overrides)
     preflight(job)  # before any cluster starts or model loads
     progress = ProgressLine(enabled=not args.no_progress)
-    with ray_session(args.address, args.num_cpus):
+    with ray_session(args.address, args.num_cpus), stop_on_sigterm():
         try:
             summary = run_caption_job(job, retry_failed=args.retry_failed, progress_callback=progress)
+        except RunStopped as stop:
+            print(f"gitcap run: {stop}; what was committed stays, rerun to resume", file=sys.stderr)
+            return STOPPED
         except (ValueError, OSError):
             raise  # settings and storage: main() reports them
         except Exception as err:  # noqa: BLE001  (the cluster's errors: a model that will not load, ...)
@@ -110,6 +114,107 @@ def run_command(args: argparse.Namespace) -> int:
             progress.close()
     print(json.dumps(summary.to_dict(), indent=1) if args.json else format_summary(summary))
     return summary.exit_code
+
+
+# --- gitcap submit, logs, stop: jobs on a running Ray cluster ---------------------------------
+
+ADDRESS_HELP = "the head node's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+
+
+def add_submit_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="submit a captioning job to a Ray cluster (the cluster needs no gitcap installed)",
+        description="Check JOB.yaml here (spec, input, output, model), then submit `gitcap run` of it to the "
+        "cluster through the Ray Jobs API, with gitcap and the spec shipped along, and print the submission "
+        "id. Submitting the same job again resumes it. With token authentication, set RAY_AUTH_MODE=token "
+        "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).",
+    )
+    parser.add_argument("spec", metavar="JOB.yaml", help="the job spec")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec value (YAML), e.g. --set compute.workers=4; repeatable")
+    parser.add_argument("--follow", action="store_true",
+                        help="print the job's output until it ends; exit with the job's exit status")
+    parser.set_defaults(run=submit_command)
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    from jobs.spec import load_spec, preflight
+    from jobs.submit import connect, follow_logs, release_ended_run, submit_job
+    from pipeline.progress import ConcurrentRunError
+
+    job = load_spec(args.spec, args.overrides)
+    client = connect(args.address)
+    try:
+        preflight(job)  # bad specs and storage fail here, before anything is submitted
+    except ConcurrentRunError:
+        released = release_ended_run(client, job)
+        if released is None:
+            raise  # a run that is alive holds the output
+        print(f"run {released} holds no lease any more: its driver on the cluster has ended")
+        preflight(job)
+    submission_id = submit_job(client, job)
+    print(f"submitted {submission_id} to {client.get_address()}")
+    if not args.follow:
+        print(f"follow: gitcap logs {submission_id} --follow; stop: gitcap stop {submission_id}; "
+              f"progress: gitcap status {job.output.path}")
+        return 0
+    return _report_end(args, follow_logs(client, submission_id, _write_through))
+
+
+def add_logs_parser(subparsers) -> None:
+    parser = subparsers.add_parser("logs", help="print a submitted job's output",
+                                   description="Print the output of the driver of submitted job ID.")
+    parser.add_argument("submission_id", metavar="ID", help="the id `gitcap submit` printed")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    parser.add_argument("--follow", action="store_true",
+                        help="keep printing until the job ends; exit with the job's exit status")
+    parser.set_defaults(run=logs_command)
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    from jobs.submit import connect, follow_logs, job_logs
+
+    client = connect(args.address)
+    if args.follow:
+        return _report_end(args, follow_logs(client, args.submission_id, _write_through))
+    print(job_logs(client, args.submission_id), end="")
+    return 0
+
+
+def add_stop_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stop",
+        help="stop a submitted job; what it committed stays (submit it again to resume)",
+        description="Stop submitted job ID (its driver gets SIGTERM, then SIGKILL after a few seconds), wait "
+        "until it has ended and print its final status.",
+    )
+    parser.add_argument("submission_id", metavar="ID", help="the id `gitcap submit` printed")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    parser.set_defaults(run=stop_command)
+
+
+def stop_command(args: argparse.Namespace) -> int:
+    from jobs.submit import connect, stop_job
+
+    details = stop_job(connect(args.address), args.submission_id)
+    print(f"{args.submission_id}: {details.status}" + (f" ({details.message})" if details.message else ""))
+    return 0 if details.status.is_terminal() else 1
+
+
+def _report_end(args: argparse.Namespace, details) -> int:
+    from jobs.submit import exit_status
+
+    status = exit_status(details)
+    if status:
+        print(f"gitcap {args.command}: job {details.submission_id} {details.status}: {details.message}", file=sys.stderr)
+    return status
+
+
+def _write_through(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 # --- gitcap status ---------------------------------------------------------------------------
@@ -313,6 +418,9 @@ def _set_threads(threads: int | None) -> None:
 SUBCOMMANDS = [
     add_scenes_parser,
     add_run_parser,
+    add_submit_parser,
+    add_logs_parser,
+    add_stop_parser,
     add_status_parser,
     add_demo_parser,
     add_finetune_parser,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +26,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         import gitmodel
         import pipeline
 
-        # The cluster may not have gitcap installed: ship the two packages its workers import.
-        ray.init(address=address, runtime_env={"py_modules": [pipeline, gitmodel]}, logging_level="WARNING")
+        # The cluster may not have gitcap installed: ship the two packages its workers import,
+        # unless this driver is a job whose runtime env ships them already (`gitcap submit`'s):
+        # Ray refuses to merge two `py_modules`.
+        shipped = None if _job_ships_py_modules() else {"py_modules": [pipeline, gitmodel]}
+        ray.init(address=address, runtime_env=shipped, logging_level="WARNING")
     else:
         ray.init(
             address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING"
@@ -38,6 +43,32 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def _job_ships_py_modules() -> bool:
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # Ray sets it for a job's driver
+    return bool((config.get("runtime_env") or {}).get("py_modules"))
+
+
+class RunStopped(BaseException):
+    """SIGTERM arrived (`gitcap stop` and Ray's `stop_job` send it first). A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way mistakes it for a failure to handle."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into `RunStopped` in the main thread, so the run ends as on Ctrl-C: its record
+    says it stopped, committed work stays. Enter after `ray.init`, which sets a handler of its own."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise RunStopped("stopped by SIGTERM (gitcap stop, or the cluster shutting down)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class ProgressLine:
