@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline.job import CaptionJob, JobConfigError
+from pipeline.storage import storage_error_cause
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> CaptionJob:
@@ -102,7 +103,7 @@ def _read_first_bytes(shard, storage_options: dict[str, Any]) -> None:
         with fs.open(path, "rb") as f:
             f.read(1)
     except Exception as err:  # noqa: BLE001  (each storage raises its own)
-        raise JobConfigError("input.path", f"cannot read {url}: {type(err).__name__}: {err}") from None
+        raise JobConfigError("input.path", f"cannot read {url}: {storage_error_cause(err)}") from None
 
 
 def _check_output(url: str, storage_options: dict[str, Any]):
@@ -114,7 +115,7 @@ def _check_output(url: str, storage_options: dict[str, Any]):
         folder.write_bytes(probe, b"gitcap preflight\n")
         folder.delete(probe)
     except Exception as err:  # noqa: BLE001
-        raise JobConfigError("output.path", f"cannot write to {url}: {type(err).__name__}: {err}") from None
+        raise JobConfigError("output.path", f"cannot write to {url}: {storage_error_cause(err)}") from None
     return folder
 
 
@@ -132,7 +133,7 @@ def _check_model(job: CaptionJob) -> tuple[str, str]:
         if not (folder.exists("preprocessor_config.json") or folder.exists("processor_config.json")):
             missing.append("preprocessor_config.json")
     except Exception as err:  # noqa: BLE001
-        raise JobConfigError("model.path", f"cannot open {path}: {type(err).__name__}: {err}") from None
+        raise JobConfigError("model.path", f"cannot open {path}: {storage_error_cause(err)}") from None
     if missing:
         raise JobConfigError("model.path", f"{path} is not a GIT checkpoint folder (no {' or '.join(missing)})")
     return path, model_id

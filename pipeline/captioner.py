@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.metrics import CaptionMetrics
+
+
 @dataclass(frozen=True)
 class CaptionerConfig:
     model_path: str
+    model_id: str = ""  # the `model` column's value; tags the worker metrics
     storage_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     compile: bool = False
@@ -60,6 +65,8 @@ class Captioner:
         self.generate_kwargs = config.generate_kwargs
         self.num_return_sequences = int(config.generate_kwargs.get("num_return_sequences", 1))
         self.crop_shape = (*self.processor.image_processor.output_size, 3)
+        self.metrics = CaptionMetrics(config.model_id or config.model_path)
+        self.tokens_generated = 0  # by `caption`, since the last batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         todo = pc.and_(pc.is_valid(batch["pixels"]), pc.is_null(batch["error"])).to_numpy(zero_copy_only=False)
@@ -68,13 +75,21 @@ class Captioner:
         scores: list[list[float] | None] = [None] * n
         errors = batch["error"].to_pylist()
         rows = np.flatnonzero(todo)
+        started, self.tokens_generated = time.perf_counter(), 0
         if len(rows):
             pixels = batch["pixels"].take(pa.array(rows)).to_pylist()
             keys = batch["key"].take(pa.array(rows)).to_pylist()
             crops = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(self.crop_shape) for p in pixels])
             for i, (texts, values, error) in zip(rows, self._caption_or_split(crops, keys)):
                 captions[i], scores[i], errors[i] = texts, values, error or errors[i]
-        return self._output(batch, captions, scores, errors)
+        seconds = time.perf_counter() - started
+        images = [e for e, seq in zip(errors, batch["seq"].to_pylist()) if seq >= 0]  # end markers are not images
+        self.metrics.record_batch(len(rows), self.tokens_generated, seconds, images)
+        # Each captioned row carries its share of the batch's time: the driver sums them per stage.
+        share = seconds / len(rows) if len(rows) else 0.0
+        caption_s = np.zeros(n, dtype=np.float32)
+        caption_s[rows] = share
+        return self._output(batch, captions, scores, errors).append_column("caption_s", pa.array(caption_s))
 
     def _caption_or_split(self, crops: np.ndarray, keys: list[str]) -> list[tuple[Any, Any, str | None]]:
         """[(captions best first, their scores, error)] per image; halves a batch that fails."""
@@ -98,6 +113,8 @@ class Captioner:
             pixel_values, input_ids.to(self.device), attention_mask.to(self.device),
             seed=seeds.to(self.device), return_dict=True, **self.generate_kwargs,
         )
+        new_tokens = out.sequences[:, input_ids.shape[1]:]
+        self.tokens_generated += int((new_tokens != self.processor.tokenizer.pad_token_id).sum())
         texts = [t.strip() for t in self.processor.answers(out.sequences.cpu(), input_ids)]
         values = out.scores.float().cpu().numpy().reshape(len(keys), self.num_return_sequences)
         order = np.argsort(-values, axis=1, kind="stable")  # sampling returns draws unordered

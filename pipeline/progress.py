@@ -5,6 +5,7 @@
     OUTPUT/.gitcap/shards.json.gz  the shard list, fixed when the job first ran
     OUTPUT/.gitcap/commits/*.json  one manifest per data file: its shards and counts (an index)
     OUTPUT/.gitcap/runs/*.json     one record per run: start, last update, throughput
+    OUTPUT/.gitcap/summary.json    the last run's summary: counts, per-stage timings, throughput
     OUTPUT/.gitcap/complete.json   written once every shard is committed
     OUTPUT/.gitcap/attempts/       local files being written, renamed into place when whole
 
@@ -41,6 +42,7 @@ PLAN_FILE = f"{PROGRESS}/shards.json.gz"
 COMMITS = f"{PROGRESS}/commits"
 RUNS = f"{PROGRESS}/runs"
 SUCCESS_FILE = f"{PROGRESS}/complete.json"
+SUMMARY_FILE = f"{PROGRESS}/summary.json"  # the last run's summary: counts, stage timings, speed
 STALE_RUN_S = 300  # a "running" run record older than this probably belongs to a killed run
 HEARTBEAT_S = 30  # a running run rewrites its record at least this often
 
@@ -82,11 +84,7 @@ class JobProgress:
         if another run is still writing here."""
         active = self.active_run()
         if active is not None:
-            raise ConcurrentRunError(
-                f"{self.folder.uri('')} is being written by run {active['run']} (host {active['host']}, "
-                f"pid {active['pid']}, last update {time.time() - active['updated_at']:.0f} s ago). Wait for it to "
-                f"finish; if it was killed on another machine, its record goes stale after {STALE_RUN_S} s."
-            )
+            raise self._busy(active)
         record = self.job_record()
         if record is not None and record["fingerprint"] != job.fingerprint() and self.sink.data_files():
             changes = "; ".join(_differences(record.get("settings", {}), job.decisive_settings()))
@@ -171,11 +169,35 @@ class JobProgress:
         """A run recorded as running that is alive: on this host its process exists; elsewhere it
         updated its record (at every commit, and every `HEARTBEAT_S`) less than `STALE_RUN_S` ago."""
         for run in reversed(self.runs()):
-            if run["state"] != "running" or time.time() - run["updated_at"] > STALE_RUN_S:
-                continue
-            if run["host"] != socket.gethostname() or _process_alive(run["pid"]):
+            if _alive(run):
                 return run
         return None
+
+    def claim(self, run: dict[str, Any]) -> None:
+        """Register `run` as this folder's writer, or raise `ConcurrentRunError`.
+
+        `check` alone leaves a window: two runs started together both find no live run. So each
+        run writes its record first, then reads the others: of two live runs that see each other,
+        the one registered later gives way. A run that read before the other wrote registered
+        before it too, so the other sees it and gives way: never both go on."""
+        run["registered_at"] = time.time()
+        self.write_run(run)
+        for other in self.runs():
+            if other["run"] == run["run"] or not _alive(other, this_process_too=True):
+                continue
+            if (other.get("registered_at", other["started_at"]), other["run"]) < (run["registered_at"], run["run"]):
+                self.write_run({**run, "state": f"gave way to run {other['run']}"})
+                raise self._busy(other)
+
+    def _busy(self, active: dict[str, Any]) -> ConcurrentRunError:
+        return ConcurrentRunError(
+            f"{self.folder.uri('')} is being written by run {active['run']} (host {active['host']}, "
+            f"pid {active['pid']}, last update {time.time() - active['updated_at']:.0f} s ago). Wait for it to "
+            f"finish; if it was killed on another machine, its record goes stale after {STALE_RUN_S} s."
+        )
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.folder.write_json(SUMMARY_FILE, summary)
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         self.folder.write_json(SUCCESS_FILE, summary)
@@ -196,8 +218,14 @@ def new_run_record(run_id: str, retry_failed: bool) -> dict[str, Any]:
     }
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
+def _alive(run: dict[str, Any], this_process_too: bool = False) -> bool:
+    if run["state"] != "running" or time.time() - run["updated_at"] > STALE_RUN_S:
+        return False
+    return run["host"] != socket.gethostname() or _process_alive(run["pid"], this_process_too)
+
+
+def _process_alive(pid: int, this_process_too: bool = False) -> bool:
+    if pid == os.getpid() and not this_process_too:
         return False  # this process is starting a new run: its old record is from a run it finished
     try:
         os.kill(pid, 0)

@@ -100,6 +100,10 @@ class RunSummary:
     startup_s: float | None  # from the start of the run to the first captioned batch
     images_per_s: float | None  # this run, after start-up
     retried: bool = False
+    fingerprint: str = ""  # of the job's decisive settings (see CaptionJob.fingerprint)
+    # Busy seconds per stage this run, summed over workers: reading shards from storage, decoding
+    # and cropping images (CPU tasks), captioning (actors). Divide images by one for a stage's speed.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -130,32 +134,38 @@ def run_caption_job(
     _, shards = progress.start(
         job, lambda: list_shards(inp.path, inp.format, inp.storage_options, inp.images_per_shard), model_id
     )
-    manifests = progress.reconcile()  # the committed shards, rebuilt from the data files if need be
-    run = _Run(progress, started, retry_failed, len(shards), _committed_shards(manifests))
-
-    if retry_failed:
-        tasks, targets = _retry_tasks(progress, manifests, shards)
-        writer: _Writer = _RetryWriter(progress, job, model_id, run.id, targets, manifests, shards)
-    else:
-        tasks = [ShardTask(s) for s in shards if s.uri not in run.done_before]
-        writer = _WaveWriter(progress, job, model_id, run.id, _wave_size(job, len(tasks)), commit_interval_s)
-    if tasks:
-        run.execute(_captioned_blocks(job, tasks, model_path), writer, len(tasks), progress_callback)
-
-    _failpoint("before-finish")
-    return run.finish(job, writer, bool(tasks))
+    run = _Run(progress, started, retry_failed, len(shards))
+    progress.claim(run.record)  # from here on, this run is the folder's one writer
+    try:
+        manifests = progress.reconcile()  # the committed shards, rebuilt from the data files if need be
+        run.done_before = _committed_shards(manifests)
+        if retry_failed:
+            tasks, targets = _retry_tasks(progress, manifests, shards)
+            writer: _Writer = _RetryWriter(progress, job, model_id, run.id, targets, manifests, shards)
+        else:
+            tasks = [ShardTask(s) for s in shards if s.uri not in run.done_before]
+            writer = _WaveWriter(progress, job, model_id, run.id, _wave_size(job, len(tasks)), commit_interval_s)
+        if tasks:
+            run.execute(_captioned_blocks(job, tasks, model_path, model_id), writer, len(tasks), progress_callback)
+        _failpoint("before-finish")
+        return run.finish(job, writer, bool(tasks))
+    except BaseException as err:
+        # What is committed stays committed; the record says why this run stopped, and frees the folder.
+        progress.write_run({**run.record, "state": f"failed: {root_cause(err)}"})
+        raise
 
 
 class _Run:
     """One run's loop on the driver: results in, shards assembled, waves committed, its record kept."""
 
-    def __init__(self, progress: JobProgress, started: float, retry_failed: bool, shards_total: int,
-                 done_before: set[str]):
+    def __init__(self, progress: JobProgress, started: float, retry_failed: bool, shards_total: int):
         self.progress, self.started, self.retry_failed = progress, started, retry_failed
-        self.shards_total, self.done_before = shards_total, done_before
+        self.shards_total = shards_total
+        self.done_before: set[str] = set()  # shards committed before this run
         self.id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
         self.record = new_run_record(self.id, retry_failed)
         self.counts: Counter = Counter()
+        self.stage_seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "caption": 0.0}
         self.first_result: float | None = None
         self.storage_failed: dict[str, str] = {}
 
@@ -163,30 +173,25 @@ class _Run:
                 progress_callback: Callable[[ProgressUpdate], None] | None) -> None:
         self.progress.write_run(self.record)
         assembler = ShardAssembler()
-        try:
-            for block in blocks:
-                self._count(block)
-                for shard in assembler.add(block):
-                    if shard.storage_error:  # not committed: the next run retries it
-                        self.storage_failed[shard.uri] = shard.storage_error
-                        continue
-                    writer.add(shard)
-                    if writer.due():
-                        writer.flush()
-                        self._save(writer)
-                if time.time() - self.record["updated_at"] > HEARTBEAT_S:
-                    self.progress.write_run(self.record)  # a heartbeat: this run is alive, others must wait
-                if progress_callback:
-                    progress_callback(ProgressUpdate(
-                        shards_total=self.shards_total, shards_done=len(self.done_before) + writer.shards_committed,
-                        shards_todo=shards_todo, images=self.counts["images"], failed=self.counts["failed"],
-                        elapsed_s=time.time() - self.started, images_per_s=self.speed(),
-                    ))
-            writer.flush()
-        except BaseException as err:
-            # What is committed stays committed; the record says why this run stopped.
-            self.progress.write_run({**self.record, "state": f"failed: {root_cause(err)}"})
-            raise
+        for block in blocks:
+            self._count(block)
+            for shard in assembler.add(block):
+                if shard.storage_error:  # not committed: the next run retries it
+                    self.storage_failed[shard.uri] = shard.storage_error
+                    continue
+                writer.add(shard)
+                if writer.due():
+                    writer.flush()
+                    self._save(writer)
+            if time.time() - self.record["updated_at"] > HEARTBEAT_S:
+                self.progress.write_run(self.record)  # a heartbeat: this run is alive, others must wait
+            if progress_callback:
+                progress_callback(ProgressUpdate(
+                    shards_total=self.shards_total, shards_done=len(self.done_before) + writer.shards_committed,
+                    shards_todo=shards_todo, images=self.counts["images"], failed=self.counts["failed"],
+                    elapsed_s=time.time() - self.started, images_per_s=self.speed(),
+                ))
+        writer.flush()
 
     def _count(self, block: pa.Table) -> None:
         images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
@@ -194,6 +199,11 @@ class _Run:
             self.first_result, self.counts["startup_images"] = time.time(), images
         self.counts["images"] += images
         self.counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+        self.stage_seconds["caption"] += float(pc.sum(block["caption_s"]).as_py() or 0)
+        for marker in block["marker"].drop_null().to_pylist():
+            marker = json.loads(marker)
+            self.stage_seconds["read"] += marker.get("read_s", 0.0)
+            self.stage_seconds["decode"] += marker.get("decode_s", 0.0)
 
     def _save(self, writer: _Writer, **values: Any) -> None:
         self.record.update(shards_committed=writer.shards_committed, images=self.counts["images"],
@@ -228,13 +238,16 @@ class _Run:
             startup_s=self.startup(),
             images_per_s=self.speed(),
             retried=self.retry_failed,
+            fingerprint=job.fingerprint(),
+            stage_seconds={stage: round(seconds, 3) for stage, seconds in self.stage_seconds.items()},
         )
         for uri, error in self.storage_failed.items():
             summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})
+        self._save(writer, state="finished", finished_at=time.time())  # its claim on the folder ends
         if not worked:
             summary.notes.append("no failed rows to retry" if self.retry_failed else "nothing to do: every shard is committed")
         else:
-            self._save(writer, state="finished", finished_at=time.time())
+            self.progress.write_summary({**summary.to_dict(), "settings": job.decisive_settings()})
         finish_dataset(self.progress.folder, job, manifests, summary.complete)  # views repaired, card
         if summary.complete and not self.progress.folder.exists(SUCCESS_FILE):
             self.progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
@@ -248,7 +261,7 @@ def _committed_shards(manifests: dict[str, dict]) -> set[str]:
 # --- the Ray Data part ------------------------------------------------------------------------
 
 
-def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str) -> Iterator[pa.Table]:
+def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, model_id: str) -> Iterator[pa.Table]:
     """Stream the tasks through read+preprocess and the captioning actors; yield result blocks."""
     import ray.data
 
@@ -264,6 +277,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str) 
     )
     captioner = CaptionerConfig(
         model_path=model_path,
+        model_id=model_id,
         storage_options=job.model.storage_options,
         dtype=job.model.dtype,
         compile=job.model.compile,

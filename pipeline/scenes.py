@@ -19,17 +19,16 @@ import io
 import json
 import math
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw
+
+from pipeline.storage import Folder
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Saturated or extreme colours; backgrounds are muted greys, so an object always stands out.
@@ -193,21 +192,19 @@ def write_scenes(
         raise ValueError(f"seed must be >= 0, got {seed}")
     _check_size(size, max_size)
 
-    fs, root = url_to_fs(out, **(storage_options or {}))
-    root = root.rstrip("/")
-    fs.makedirs(root, exist_ok=True)
+    folder = Folder(out, storage_options, staging=None)  # no bookkeeping folder among the scenes
+    folder.fs.makedirs(folder.root, exist_ok=True)
     names: list[str] = []
     for shard, start in enumerate(range(0, count, shard_size)):
         scenes = generate_scenes(min(shard_size, count - start), seed, start, size, max_size)
         if format == "images":
             for scene in scenes:
                 for name, data in _sample_files(scene, image_format):
-                    with _open_output(fs, f"{root}/{name}") as f:
-                        f.write(data)
+                    folder.write_bytes(name, data)
                     names.append(name)
             continue
         name = f"{shard:05d}.tar" if format == "webdataset" else f"{shard:05d}.parquet"
-        with _open_output(fs, f"{root}/{name}") as f:
+        with folder.publish(name) as f:
             if format == "webdataset":
                 _write_tar(f, scenes, image_format)
             else:
@@ -395,33 +392,3 @@ def _write_parquet(f: BinaryIO, scenes: Iterable[Scene], image_format: str) -> N
         ]
     )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
-
-
-@contextmanager
-def _open_output(fs, path: str) -> Iterator[BinaryIO]:
-    """Open `path` for writing so that readers see the whole file or none of it.
-
-    Local files are written under a temporary name and renamed. Object stores publish a file only
-    when its upload completes, so those are streamed, and the upload is abandoned on error.
-    """
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "file" in protocols:
-        temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with fs.open(temporary, "wb") as f:
-                yield f
-            fs.mv(temporary, path)
-        finally:
-            if fs.exists(temporary):
-                fs.rm(temporary)
-        return
-    f = fs.open(path, "wb")
-    try:
-        yield f
-    except BaseException:
-        # Closing would publish the partial file; discard aborts the upload instead.
-        if hasattr(f, "discard"):
-            f.discard()
-            f.closed = True
-        raise
-    f.close()

@@ -48,6 +48,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.storage import storage_error_cause
+
 FORMATS = ("webdataset", "parquet", "images")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 _SUFFIXES = {
@@ -379,11 +381,8 @@ def _listing_errors(entry: str) -> Iterator[None]:
         raise
     except FileNotFoundError as err:
         raise SourceError(f"{entry}: does not exist ({err})") from err
-    except PermissionError as err:
-        raise SourceError(f"{entry}: access denied, check the credentials ({err})") from err
     except Exception as err:  # noqa: BLE001  (botocore, aiohttp, gcsfs, hf... all raise their own)
-        cause = f"{type(err).__name__}: {err}"
-        raise SourceError(f"{entry}: storage cannot be reached or listed ({cause})") from err
+        raise SourceError(f"{entry}: cannot be listed: {storage_error_cause(err)}") from err
 
 
 def _filesystem(url: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:

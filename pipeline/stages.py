@@ -41,7 +41,7 @@ ROW_SCHEMA = pa.schema(
         ("error", pa.string()),  # "reason_code: message"
         ("meta", pa.binary()),  # pickled {column: value}: the source's metadata, passed through
         ("image", pa.binary()),  # the encoded image, only when the output keeps it
-        ("marker", pa.string()),  # end marker only: JSON {"rows": n, "storage_error": str | null}
+        ("marker", pa.string()),  # end marker only: JSON {"rows": n, "storage_error": str | null, "read_s", "decode_s"}
     ]
 )
 
@@ -92,6 +92,7 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
     sent = 0  # rows sent, for the end marker
     done = 0  # records read so far: a retry after a storage failure skips this many
     storage_error = None
+    started, decode_s, waited_s = time.perf_counter(), 0.0, 0.0
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             records = read_shard(task.shard, config.storage_options, config.image_column)
@@ -101,17 +102,24 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
                 done = seq + 1
                 if record.key in task.skip_keys:
                     continue
+                decode_started = time.perf_counter()
                 rows.append(preprocess_record(record, seq, task.shard, processor, config))
+                decode_s += time.perf_counter() - decode_started
                 sent += 1
                 if len(rows) >= config.rows_per_batch:
+                    handed_over = time.perf_counter()
                     yield _table(rows)
+                    waited_s += time.perf_counter() - handed_over  # downstream's time, not ours
                     rows = []
             storage_error = None
             break
         except ShardError as err:
             storage_error = str(err)
             time.sleep(min(2**attempt, 10))
-    marker = json.dumps({"rows": sent, "storage_error": storage_error})
+    # Time spent reading the shard (storage, tar/Parquet parsing) and decoding + cropping its
+    # images, for the run summary's per-stage timings.
+    read_s = time.perf_counter() - started - decode_s - waited_s
+    marker = json.dumps({"rows": sent, "storage_error": storage_error, "read_s": read_s, "decode_s": decode_s})
     rows.append({"shard": task.shard.uri, "seq": -1, "key": "", "source": task.shard.uri, "marker": marker})
     yield _table(rows)
 

@@ -24,13 +24,51 @@ from fsspec.core import url_to_fs
 
 ATTEMPTS = ".gitcap/attempts"  # local staging for files about to be renamed into place
 
+# What storage libraries raise (botocore, aiohttp, s3fs, gcsfs, ...), by class name, so that no
+# backend has to be imported to recognise its errors, and the advice each cause calls for.
+_CAUSES = [
+    ({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound",
+      "DefaultCredentialsError"},
+     "no credentials found: set storage_options (key/secret, or profile), or the provider's environment "
+     "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"),
+    ({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AuthFailure"},
+     "credentials rejected: check the key, secret and session token"),
+    ({"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+      "ServerTimeoutError", "ConnectionError", "gaierror"},
+     "endpoint unreachable: check client_kwargs.endpoint_url (or the region) and the network"),
+    ({"PermissionError", "AccessDenied", "Forbidden"}, "permission denied: the credentials may not do this here"),
+    ({"FileNotFoundError", "NoSuchBucket", "NoSuchKey"}, "does not exist (check the bucket and path)"),
+]
+
+
+def storage_error_cause(err: BaseException) -> str:
+    """One line saying why storage failed: the cause (credentials, endpoint, permission, a missing
+    bucket or path), what to check, and the library's own words."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:  # s3fs wraps botocore's error, aiohttp's in botocore's
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain} | {str(getattr(e, "code", "")) for e in chain}
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            names.add(str(response.get("Error", {}).get("Code", "")))
+    detail = f"{type(err).__name__}: {err}"
+    for classes, advice in _CAUSES:
+        if names & classes:
+            return f"{advice} ({detail})"
+    return detail
+
 
 class Folder:
     """One folder (local path or URL) and the files below it, by relative name."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, staging: str | None = ATTEMPTS):
+        """`staging`: where local files are written before their rename, relative to the folder;
+        None stages each file beside its final name, hidden (`.NAME.RANDOM.tmp`)."""
         self.url = str(url).rstrip("/")
         self.storage_options = storage_options or {}
+        self.staging = staging
         self.fs, root = url_to_fs(self.url, **self.storage_options)
         self.root = root.rstrip("/")
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
@@ -88,7 +126,9 @@ class Folder:
     def publish(self, name: str) -> Iterator[BinaryIO]:
         """Write `name` so that readers see the old file (or none) until the new one is whole."""
         if self.is_local:
-            staging = self.path(f"{ATTEMPTS}/{uuid.uuid4().hex}-{posixpath.basename(name)}.tmp")
+            folder, base = posixpath.split(name)
+            staged = f"{self.staging}/{uuid.uuid4().hex}-{base}.tmp" if self.staging else f"{folder}/.{base}.{uuid.uuid4().hex[:8]}.tmp"
+            staging = self.path(staged.lstrip("/"))
             os.makedirs(posixpath.dirname(staging), exist_ok=True)
             os.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
             try:
@@ -127,9 +167,9 @@ class Folder:
 
     def clear_attempts(self) -> int:
         """Delete what interrupted local writes left in the staging folder; returns how many files."""
-        if not self.is_local or not os.path.isdir(self.path(ATTEMPTS)):
+        if not self.is_local or not self.staging or not os.path.isdir(self.path(self.staging)):
             return 0
-        leftovers = os.listdir(self.path(ATTEMPTS))
+        leftovers = os.listdir(self.path(self.staging))
         for name in leftovers:
-            os.remove(self.path(f"{ATTEMPTS}/{name}"))
+            os.remove(self.path(f"{self.staging}/{name}"))
         return len(leftovers)

@@ -42,6 +42,11 @@ def test_webdataset_every_image_once_with_its_metadata(tmp_path, tiny_model):
     assert row["txt"] == "scene 7" and json.loads(row["json"]) == {"index": 7}
     assert frame["error"].isna().all() and frame["caption"].map(type).eq(str).all()
     assert (frame["score"] <= 0).all()
+    # The run's summary lies beside the output, with the time each stage was busy.
+    saved = json.loads((tmp_path / "out" / ".gitcap" / "summary.json").read_text())
+    assert saved["run_id"] == summary.run_id and saved["images_ok"] == 15
+    assert saved["fingerprint"] == summary.fingerprint and saved["settings"]["input"]["format"] == "webdataset"
+    assert set(saved["stage_seconds"]) == {"read", "decode", "caption"} and all(saved["stage_seconds"].values())
 
 
 def test_parquet_source_keeps_its_other_columns(tmp_path, tiny_model):

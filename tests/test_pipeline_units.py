@@ -3,6 +3,8 @@ and all-or-nothing publishing."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import pickle
 
@@ -42,7 +44,9 @@ def test_a_shard_streams_in_batches_then_its_end_marker(tmp_path):
     rows = pa.concat_tables(batches).to_pylist()
     assert [r["seq"] for r in rows] == [0, 1, 2, 3, 4, -1]
     assert all(len(r["pixels"]) == 32 * 32 * 3 and (r["width"], r["height"]) == (48, 40) for r in rows[:5])
-    assert rows[-1]["marker"] == '{"rows": 5, "storage_error": null}'
+    marker = json.loads(rows[-1]["marker"])
+    assert (marker["rows"], marker["storage_error"]) == (5, None)
+    assert marker["read_s"] >= 0 and marker["decode_s"] > 0  # the run summary's stage timings
 
 
 def test_every_bad_image_is_a_row_with_its_reason(tmp_path):
@@ -234,3 +238,20 @@ def test_a_second_run_is_refused_while_the_first_is_alive(tmp_path):
         progress.check(job)
     record(host="elsewhere", pid=1, updated_at=time.time() - STALE_RUN_S - 1)  # silent for too long
     assert progress.check(job) is not None
+
+
+def test_of_two_runs_that_start_together_exactly_one_goes_on(tmp_path):
+    from pipeline.progress import ConcurrentRunError, JobProgress, new_run_record
+
+    progress = JobProgress(Folder(str(tmp_path)))
+    first, second = new_run_record("b-run", False), new_run_record("c-run", False)
+    # Both passed `check` before either wrote its record; the one registered first goes on.
+    progress.claim(first)
+    with pytest.raises(ConcurrentRunError, match="being written by run b-run"):
+        progress.claim(second)
+    assert {r["run"]: r["state"] for r in progress.runs()} == {"b-run": "running", "c-run": "gave way to run b-run"}
+    # A run that registered earlier elsewhere makes a later claimant give way, even this one.
+    progress.write_run({**first, "state": "finished"})
+    progress.write_run({**new_run_record("a-run", False), "host": "elsewhere", "registered_at": 0})
+    with pytest.raises(ConcurrentRunError, match="run a-run"):
+        progress.claim(new_run_record("d-run", False))

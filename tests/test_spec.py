@@ -128,7 +128,11 @@ def test_preflight_names_unreachable_storage(tmp_path, tiny_model):
                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     spec = {**minimal(tmp_path, tiny_model), "input": {"path": "s3://bucket/in", "storage_options": options}}
     err = error_of(preflight, CaptionJob.from_dict(spec))
-    assert err.field == "input.path" and "s3://bucket/in" in str(err)
+    assert err.field == "input.path" and "s3://bucket/in" in str(err) and "endpoint unreachable" in str(err)
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    unwritable = {**minimal(tmp_path, tiny_model), "output": {"path": "s3://bucket/out", "storage_options": options}}
+    err = error_of(preflight, CaptionJob.from_dict(unwritable))
+    assert err.field == "output.path" and "endpoint unreachable: check client_kwargs.endpoint_url" in str(err)
 
 
 def test_preflight_reads_s3_and_writes_to_s3(tmp_path, tiny_model, s3_server, s3_bucket):
@@ -140,7 +144,41 @@ def test_preflight_reads_s3_and_writes_to_s3(tmp_path, tiny_model, s3_server, s3
             "output": {"path": f"s3://{s3_bucket}/out", "storage_options": options}}
     assert preflight(CaptionJob.from_dict(spec)).shards == 2
     missing = {**spec, "output": {"path": "s3://no-such-bucket-here/out", "storage_options": options}}
-    assert error_of(preflight, CaptionJob.from_dict(missing)).field == "output.path"
+    err = error_of(preflight, CaptionJob.from_dict(missing))
+    assert err.field == "output.path" and "does not exist" in str(err) and "no-such-bucket-here" in str(err)
+    missing_input = {**spec, "input": {"path": "s3://no-such-bucket-here/in", "storage_options": options}}
+    err = error_of(preflight, CaptionJob.from_dict(missing_input))
+    assert err.field == "input.path" and "bucket does not exist" in str(err)
+
+
+def test_preflight_without_credentials_says_so(tmp_path, tiny_model, s3_server, s3_bucket, monkeypatch):
+    options = {"client_kwargs": s3_server.storage_options["client_kwargs"]}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    spec = {**minimal(tmp_path, tiny_model), "input": {"path": f"s3://{s3_bucket}/in", "storage_options": options}}
+    err = error_of(preflight, CaptionJob.from_dict(spec))
+    assert err.field == "input.path" and "no credentials found" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [("InvalidAccessKeyId", "credentials rejected"), ("AccessDenied", "permission denied"),
+     ("NoSuchBucket", "does not exist"), ("SlowDown", "")],  # no advice for what it does not know
+)
+def test_storage_errors_are_explained_by_their_cause(code, cause):
+    from botocore.exceptions import ClientError
+
+    from pipeline.storage import storage_error_cause
+
+    boto = ClientError({"Error": {"Code": code, "Message": "the server's words"}}, "PutObject")
+    wrapped = OSError(5, "the server's words")  # as s3fs re-raises it
+    wrapped.__cause__ = boto
+    for err in (boto, wrapped):
+        text = storage_error_cause(err)
+        assert "the server's words" in text
+        assert text.startswith(cause) if cause else text == f"{type(err).__name__}: {err}"
 
 
 def test_preflight_refuses_other_settings_over_committed_output(tmp_path, tiny_model):
