@@ -4,7 +4,9 @@
     model:      {path (default: the bundled model), storage_options, dtype, compile}
     generation: {max_new_tokens: 20, num_beams: 1, do_sample: false, num_return_sequences: 1,
                  prompt: null, seed: 0, temperature, top_k, top_p, length_penalty}
-    output:     {path, storage_options, include_image}
+    output:     {path, storage_options, include_image: false, webdataset: false,
+                 quality: {min_words: 3, max_words: 40, min_score: null},
+                 filter: null (or {drop_flags: [...]}, which makes the filtered view)}
     compute:    {batch_size: 32, workers: 1, gpus_per_worker: 0, cpus_per_worker: 1,
                  preprocess_workers, shards_per_wave}
 

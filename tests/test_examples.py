@@ -78,3 +78,38 @@ def test_resume_a_killed_job(examples_bucket, tmp_path):
     summary = json.loads(out)
     assert summary["shards_this_run"] == 4 - len(first) // PER_SHARD  # committed shards were not redone
     assert_each_key_once(read_output(f"s3://{BUCKET}/resumed"), list(examples_bucket))
+
+
+def test_a_synthetic_caption_dataset_with_five_sampled_captions(examples_bucket, s3_server):
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    example = str(EXAMPLES / "synthetic-caption-dataset.yaml")
+    assert main(["run", example, "--num-cpus", "2", "--no-progress"]) == 0
+    frame = output_of("synthetic")
+    assert_each_key_once(frame.reset_index(), list(examples_bucket))
+    assert frame["captions"].map(len).eq(5).all() and frame["scores"].map(len).eq(5).all()
+    assert all(list(s) == sorted(s, reverse=True) for s in frame["scores"])  # best first
+    assert (frame["caption"] == frame["captions"].map(lambda c: c[0])).all()
+    right = sum(caption in frame.loc[key, "captions"] for key, caption in examples_bucket.items())
+    assert right >= 0.9 * SCENES, f"the true caption is among the 5 for {right}/{SCENES}"
+    assert frame["image"].map(lambda image: image["bytes"][:3] == b"\xff\xd8\xff").all()  # the JPEG as read
+
+    fs = s3_server.filesystem()
+    root = f"{BUCKET}/synthetic/__dataset__"
+    kept = pq.read_table([f"s3://{p}" for p in fs.glob(f"{root}/filtered/*.parquet")], filesystem=fs).to_pandas()
+    expected = frame[frame["flags"].map(len).eq(0)]
+    assert sorted(kept["key"]) == sorted(expected.index) and (kept["score"] >= -1.0).all()
+    samples = set()
+    for path in fs.glob(f"{root}/webdataset/*.tar"):
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
+            samples |= {name.rsplit(".", 1)[0] for name in tar.getnames()}
+    assert len(samples) == SCENES
+    assert "num_return_sequences" in fs.cat(f"{root}/README.md").decode()
+
+    # Sampling is seeded per key: the same job into another folder samples the same captions.
+    again = ["--set", f"output.path=s3://{BUCKET}/synthetic-again"]
+    assert main(["run", example, "--num-cpus", "2", "--no-progress", *again]) == 0
+    repeat = output_of("synthetic-again")
+    assert (repeat.loc[frame.index, "captions"].map(list) == frame["captions"].map(list)).all()
