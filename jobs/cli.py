@@ -208,7 +208,8 @@ def _report_end(args: argparse.Namespace, details) -> int:
 
     status = exit_status(details)
     if status:
-        print(f"gitcap {args.command}: job {details.submission_id} {details.status}: {details.message}", file=sys.stderr)
+        print(f"gitcap {args.command}: job {details.submission_id} {details.status}: {details.message}",
+              file=sys.stderr)
     return status
 
 

@@ -50,9 +50,11 @@ def _job_ships_py_modules() -> bool:
     return bool((config.get("runtime_env") or {}).get("py_modules"))
 
 
-class RunStopped(BaseException):
-    """SIGTERM arrived (`gitcap stop` and Ray's `stop_job` send it first). A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way mistakes it for a failure to handle."""
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM arrived (`gitcap stop` and Ray's `stop_job` send it first). An interrupt, as on
+    Ctrl-C: no `except Exception` on the way mistakes it for a failure to handle, and Ray's blocking
+    calls pass it on (as a plain KeyboardInterrupt; they would swallow other exceptions raised by a
+    signal handler)."""
 
 
 @contextmanager

@@ -65,7 +65,9 @@ def submit_job(client: JobSubmissionClient, job: CaptionJob) -> str:
     import jobs
     import pipeline
 
-    submission_id = f"gitcap-{job.fingerprint()[:8]}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+    # Readable and unique: which job, when, and a few random digits for two submissions in a second.
+    submitted_at = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    submission_id = f"gitcap-{job.fingerprint()[:8]}-{submitted_at}-{uuid.uuid4().hex[:4]}"
     with tempfile.TemporaryDirectory(prefix="gitcap-submit-") as spec_dir:
         Path(spec_dir, SPEC_FILE).write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
         runtime_env = {
@@ -78,6 +80,7 @@ def submit_job(client: JobSubmissionClient, job: CaptionJob) -> str:
                 runtime_env=runtime_env,
                 submission_id=submission_id,
                 entrypoint_num_cpus=0,  # no resources: the driver runs on the head node (see above)
+                # Shown by `ray job list` and the dashboard; the output lets `release_ended_run` find the job.
                 metadata={"gitcap_output": str(job.output.path), "gitcap_fingerprint": job.fingerprint()},
             )
 
@@ -86,7 +89,7 @@ def release_ended_run(client: JobSubmissionClient, job: CaptionJob) -> str | Non
     """If the run holding `job`'s output lease is the driver of a Ray job of this cluster that has
     ended, mark its record stopped (the lease is free) and return the run's id; else None.
 
-    A driver killed outright (SIGKILL after `stop_job`'s grace period, a lost node) leaves its run
+    A driver killed outright (SIGKILL after `stop_job`'s grace period, the OOM killer) leaves its run
     recorded as running. Another host would wait `STALE_RUN_S` for that record to age; the cluster
     knows now. The match is the driver's PID and a start time before the run's, on a job for the
     same output."""
@@ -107,7 +110,8 @@ def release_ended_run(client: JobSubmissionClient, job: CaptionJob) -> str | Non
             and driver is not None and driver.pid == str(run["pid"])
             and (details.start_time or 0) / 1000 <= run["started_at"]
         ):
-            progress.write_run({**run, "state": f"stopped: its driver, Ray job {details.submission_id}, {details.status}"})
+            ended = f"stopped: its driver, Ray job {details.submission_id}, {details.status}"
+            progress.write_run({**run, "state": ended})
             return run["run"]
     return None
 

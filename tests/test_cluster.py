@@ -1,6 +1,8 @@
-"""A real two-node Ray cluster on 127.0.0.1 with token authentication, driven as a user drives one:
-`gitcap submit`, `gitcap logs`, `gitcap stop`, `gitcap status`. The cluster has no gitcap of its
-own (no PYTHONPATH; what is installed is an old copy): jobs run on what `gitcap submit` ships.
+"""A real two-node Ray cluster on this machine with token authentication, driven as a user drives
+one: `gitcap submit`, `gitcap logs`, `gitcap stop`, `gitcap status`. The cluster's processes get no
+PYTHONPATH and run outside the repository, so jobs run on what `gitcap submit` ships (the shipped
+`py_modules` come before site-packages, which may hold an older gitcap: the stop test's record
+check would fail on one).
 
 The head has 3 CPUs and the second node 1: two captioning actors (1 CPU each) spread one per node,
 and when the second node dies, the head still fits both actors and a read task (0.5 CPU), so Ray
@@ -129,7 +131,7 @@ def expected_keys(shards: int, per_shard: int) -> list[str]:
     return [f"{n:05d}/{i:06d}" for n in range(shards) for i in range(n * per_shard, (n + 1) * per_shard)]
 
 
-def test_a_submitted_job_runs_the_bundled_model_on_the_cluster_and_reports_through_logs_and_status(cluster, tmp_path, capsys):
+def test_a_submitted_job_runs_the_bundled_model_and_reports_through_logs_and_status(cluster, tmp_path, capsys):
     write_scene_shards(tmp_path / "in", shards=3, per_shard=8)
     job = spec(tmp_path, compute={"batch_size": 8, "shards_per_wave": 1})  # no model.path: the bundled one
 
@@ -216,6 +218,7 @@ def test_the_job_completes_exactly_once_when_a_node_running_a_captioner_dies(clu
     first_commit(output, submission_id)
     assert cluster.captioning_actors_on_second_node(), "no captioning actor on the second node to lose"
     _end_session(cluster.second)  # every process of the node at once, as in a power cut
+    assert len(glob.glob(str(output / "*.parquet"))) < 12, "the job ended before the node died: make it longer"
 
     assert job_status_of(cluster, submission_id) == "SUCCEEDED", _logs(cluster, submission_id, capsys)
     assert_each_key_once(read_output(str(output)), expected_keys(12, 8))
