@@ -28,7 +28,7 @@ from pipeline.metrics import CaptionMetrics
 
 @dataclass(frozen=True)
 class CaptionerConfig:
-    model_path: str
+    model_path: str | None  # None: the bundled model, found by each actor in its own install
     model_id: str = ""  # the `model` column's value; tags the worker metrics
     storage_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
@@ -54,18 +54,19 @@ class Captioner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and config.threads:
             torch.set_num_threads(config.threads)
+        model_path, _ = resolve_model(config.model_path)
         dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
         self.model = GitForCausalLM.from_pretrained(
-            config.model_path, dtype=dtype, device=self.device, storage_options=config.storage_options
+            model_path, dtype=dtype, device=self.device, storage_options=config.storage_options
         ).prepare_for_inference(cuda_graphs=self.device.type == "cuda", compile=config.compile)
-        self.processor = GitProcessor.from_pretrained(config.model_path, storage_options=config.storage_options)
+        self.processor = GitProcessor.from_pretrained(model_path, storage_options=config.storage_options)
         self.dtype = dtype
         self.prompt, self.seed = config.prompt, config.seed
         self.generate_kwargs = config.generate_kwargs
         self.num_return_sequences = int(config.generate_kwargs.get("num_return_sequences", 1))
         self.crop_shape = (*self.processor.image_processor.output_size, 3)
-        self.metrics = CaptionMetrics(config.model_id or config.model_path)
+        self.metrics = CaptionMetrics(config.model_id or model_path)
         self.tokens_generated = 0  # by `caption`, since the last batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:

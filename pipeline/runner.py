@@ -151,7 +151,8 @@ def run_caption_job(
         return run.finish(job, writer, bool(tasks))
     except BaseException as err:
         # What is committed stays committed; the record says why this run stopped, and frees the folder.
-        progress.write_run({**run.record, "state": f"failed: {root_cause(err)}"})
+        how = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"  # Ctrl-C, or SIGTERM (gitcap stop)
+        progress.write_run({**run.record, "state": f"{how}: {root_cause(err)}"})
         raise
 
 
@@ -276,7 +277,9 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
         rows_per_batch=compute.batch_size,
     )
     captioner = CaptionerConfig(
-        model_path=model_path,
+        # The bundled model is found by each actor in the gitcap it runs (on a cluster, the copy
+        # shipped with the job to its node), not at the path this driver sees.
+        model_path=job.model.path,
         model_id=model_id,
         storage_options=job.model.storage_options,
         dtype=job.model.dtype,
