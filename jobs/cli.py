@@ -141,10 +141,11 @@ def add_submit_parser(subparsers) -> None:
 
 def submit_command(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec, preflight
-    from jobs.submit import connect, follow_logs, release_ended_run, submit_job
+    from jobs.submit import check_cluster_paths, connect, follow_logs, release_ended_run, submit_job
     from pipeline.progress import ConcurrentRunError
 
     job = load_spec(args.spec, args.overrides)
+    check_cluster_paths(job)
     client = connect(args.address)
     try:
         preflight(job)  # bad specs and storage fail here, before anything is submitted

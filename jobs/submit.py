@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline.job import CaptionJob
+from pipeline.job import CaptionJob, JobConfigError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -57,6 +57,19 @@ def connect(address: str | None = None) -> JobSubmissionClient:
     address = cluster_address(address)
     with _explained(address), _without_address_variables():
         return JobSubmissionClient(address)
+
+
+def check_cluster_paths(job: CaptionJob) -> None:
+    """Refuse relative local paths: the driver on the cluster would resolve them against the job's
+    working dir there, not against the folder they were typed in."""
+    paths = {"input.path": job.input.path, "output.path": job.output.path, "model.path": job.model.path}
+    for name, value in paths.items():
+        for path in value if isinstance(value, list) else [value]:
+            if path and "://" not in path and not os.path.isabs(path):
+                raise JobConfigError(
+                    name, f"{path!r} is a relative local path, which the cluster cannot see: use a URL "
+                    "(s3://, gs://, ...) or an absolute path on a filesystem that every node mounts"
+                )
 
 
 def submit_job(client: JobSubmissionClient, job: CaptionJob) -> str:

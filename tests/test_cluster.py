@@ -303,3 +303,11 @@ def _cmdline(pid: int) -> bytes:
 def _logs(cluster: Cluster, submission_id: str, capsys) -> str:
     main(["logs", submission_id, "--address", cluster.address])
     return capsys.readouterr().out[-3000:]
+
+
+def test_relative_local_paths_are_refused_before_any_cluster_is_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"input": {"path": "shards/"}, "output": {"path": "/shared/out"}}))
+    # No cluster listens at this address: the spec is refused before gitcap tries to reach it.
+    assert main(["submit", "job.yaml", "--address", "http://127.0.0.1:9"]) == 2
+    assert "input.path: 'shards/' is a relative local path" in capsys.readouterr().err
