@@ -32,6 +32,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         shipped = None if _job_ships_py_modules() else {"py_modules": [pipeline, gitmodel]}
         ray.init(address=address, runtime_env=shipped, logging_level="WARNING")
     else:
+        # A private Ray for this process: its notice that token authentication is on says nothing
+        # the user must act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING"
         )
