@@ -45,15 +45,35 @@ def build_models(device: str, dtype: torch.dtype, large: bool):
 
 def timed(fn, repeats: int, device: str) -> tuple[float, object]:
     """Best of `repeats` timed calls after a warm-up: robust to other work sharing the machine."""
-    out = fn()  # warm-up (and CUDA graph capture)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    (best, out), = timed_in_turns([fn], repeats, device)
     return best, out
+
+
+def timed_in_turns(fns, repeats: int, device: str) -> list[tuple[float, object]]:
+    """Best time and output of each function, timed in turns (a, b, a, b, ...) after one warm-up call each
+    (and CUDA graph capture), so that a machine whose speed drifts slows all of them alike."""
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            outs[i] = fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outs))
+
+
+def print_profile(fn, device: str) -> None:
+    """The kernels (or CPU ops) of one call, most time first: where a further speed-up has to come from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort_by = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70), flush=True)
 
 
 def sync(device: str) -> None:
@@ -73,6 +93,7 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the decoder's dense parts")
     parser.add_argument("--large", action="store_true", help="git-large shape instead of git-base")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of one call at the largest batch, by time")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     torch.set_grad_enabled(False)
@@ -86,12 +107,15 @@ def main() -> None:
     reference_sizes = args.batch_sizes if args.reference_batch_sizes is None else args.reference_batch_sizes
     for batch in args.batch_sizes:
         pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch)).to(args.device, dtype)
-        ours_s, ours_ids = timed(lambda: ours.generate(pixels, eos_token_id=[], **settings), args.repeats, args.device)
-        row = dict(batch=batch, ours=batch / ours_s, reference=None, ratio=None, same=None)
+        run_ours = lambda: ours.generate(pixels, eos_token_id=[], **settings)  # noqa: E731
+        row = dict(batch=batch, ours=None, reference=None, ratio=None, same=None)
         if batch in reference_sizes:
-            ref_s, ref_ids = timed(lambda: reference.generate(pixel_values=pixels, **settings), args.repeats, args.device)
-            row.update(reference=batch / ref_s, ratio=ref_s / ours_s)
+            run_reference = lambda: reference.generate(pixel_values=pixels, **settings)  # noqa: E731
+            (ours_s, ours_ids), (ref_s, ref_ids) = timed_in_turns([run_ours, run_reference], args.repeats, args.device)
+            row.update(ours=batch / ours_s, reference=batch / ref_s, ratio=ref_s / ours_s)
             row["same"] = (ours_ids.cpu() == ref_ids.cpu()).all(dim=1).float().mean().item() if ours_ids.shape == ref_ids.shape else 0.0
+        else:
+            row["ours"] = batch / timed(run_ours, args.repeats, args.device)[0]
         rows.append(row)
         print(row, flush=True)
 
@@ -104,6 +128,8 @@ def main() -> None:
         lambda: prefill(ours, pixels, prompt, torch.ones_like(prompt), 1, args.new_tokens), args.repeats, args.device
     )
     total_s, _ = timed(lambda: ours.generate(pixels, eos_token_id=[], **settings), args.repeats, args.device)
+    if args.profile:
+        print_profile(lambda: ours.generate(pixels, eos_token_id=[], **settings), args.device)
 
     shape = "git-large" if args.large else "git-base"
     print(f"\n{shape} shape, random weights, {dtype}, {'greedy' if args.beams == 1 else f'beam {args.beams}'}, "

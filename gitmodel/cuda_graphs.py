@@ -1,82 +1,78 @@
-"""CUDA graphs for the decode steps: one graph per step, captured on first use, replayed after.
+"""CUDA graphs for generation steps: each step captured on first use, replayed after.
 
-A decode step is ~100 small kernels over a handful of rows; launched one by one from Python the GPU
-idles between them. Each step attends to one more cached position, so each step gets its own graph
-over the exact slice it reads (no padding of the key length, no mask). Graphs are kept per batch
-shape for the last few shapes seen (a pipeline sends full batches and, at the end, one smaller one).
+A decode step is ~100 small kernels over a handful of rows, and choosing the token adds ~20 more;
+launched one by one from Python the GPU idles between them. Each step attends to one more cached
+position, so each step gets its own graph over the exact slice it reads (no padding of the key
+length, no mask). Graphs only read and write static buffers: the KV cache, the key mask, and the
+buffers a search keeps for its whole run (`ShapeGraphs.static`). They are kept per batch shape for
+the last few shapes seen (a pipeline sends full batches and, at the end, one smaller one).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import Callable, Hashable, TypeVar
 
 import torch
 
 from gitmodel.kv_cache import DecodeShape, KVCache
 
-if TYPE_CHECKING:
-    from gitmodel.generation import _Prompt
-    from gitmodel.modeling import GitForCausalLM
+T = TypeVar("T")
 
 
-class _StepGraphs:
+class ShapeGraphs:
     """The static buffers of one batch shape, and the graphs captured over them."""
 
     def __init__(self, shape: DecodeShape):
         self.cache, self.key_mask = shape.allocate()
-        self.tokens = torch.zeros(shape.rows, dtype=torch.long, device=shape.device)
-        self.positions = torch.zeros(shape.rows, dtype=torch.long, device=shape.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        # Steps run in order and never overlap, so their graphs can share one memory pool.
-        self.pool = torch.cuda.graph_pool_handle()
-        self.warmed_up = False
+        self._static: dict[str, object] = {}
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
+        # Steps run one after another on one stream, never overlapping, so their graphs can share one memory pool.
+        self._pool = torch.cuda.graph_pool_handle()
 
-    def run(self, model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int):
-        from gitmodel.generation import decode_one_token_eager
+    def static(self, name: str, allocate: Callable[[], T]) -> T:
+        """Buffers that keep their addresses across calls (so graphs can read them), made once per shape."""
+        if name not in self._static:
+            self._static[name] = allocate()
+        return self._static[name]  # type: ignore[return-value]
 
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        graph = self.graphs.get(step)
-        if graph is None:
-            if not self.warmed_up:
-                # cuBLAS and the attention kernels set themselves up on a first eager call, never inside a capture.
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    decode_one_token_eager(model, prompt, self.tokens, self.positions, step)
-                torch.cuda.current_stream().wait_stream(stream)
-                self.warmed_up = True
+    def run(self, key: Hashable, step: Callable[[], T]) -> T:
+        """Replay the graph of `step` (captured the first time `key` is seen) and return its outputs.
+
+        `step` must read and write only static buffers, and be idempotent: on first use it runs once
+        eagerly before the capture (cuBLAS and the attention kernels set themselves up on a first
+        eager call, never inside a capture), then once more as the graph's first replay.
+        """
+        entry = self._graphs.get(key)
+        if entry is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[step] = decode_one_token_eager(model, prompt, self.tokens, self.positions, step)
-            self.graphs[step] = graph
-        graph.replay()
-        return self.logits[step]
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = step()
+            entry = self._graphs[key] = (graph, outputs)
+        entry[0].replay()
+        return entry[1]  # type: ignore[return-value]
 
 
 class DecodeGraphs:
     def __init__(self, max_shapes: int = 2) -> None:
         self.max_shapes = max_shapes
-        self._by_shape: OrderedDict[DecodeShape, _StepGraphs] = OrderedDict()
+        self._by_shape: OrderedDict[DecodeShape, ShapeGraphs] = OrderedDict()
 
     def buffers(self, shape: DecodeShape) -> tuple[KVCache, torch.Tensor | None]:
         """The static cache and key mask that this shape's graphs read."""
         if shape not in self._by_shape:
             if len(self._by_shape) >= self.max_shapes:
                 self._by_shape.popitem(last=False)
-            self._by_shape[shape] = _StepGraphs(shape)
+            self._by_shape[shape] = ShapeGraphs(shape)
         self._by_shape.move_to_end(shape)
         graphs = self._by_shape[shape]
         return graphs.cache, graphs.key_mask
 
-    def run(
-        self, model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int
-    ) -> torch.Tensor:
-        from gitmodel.generation import decode_one_token_eager
-
-        graphs = next((g for g in self._by_shape.values() if g.cache is prompt.cache), None)
-        if graphs is None:  # a cache these graphs do not own (e.g. rows were dropped): run eagerly
-            return decode_one_token_eager(model, prompt, tokens, positions, step)
-        return graphs.run(model, prompt, tokens, positions, step)
+    def owning(self, cache: KVCache) -> ShapeGraphs | None:
+        """The graphs over `cache`, or None for a cache they do not own (e.g. one whose finished rows were dropped)."""
+        return next((graphs for graphs in self._by_shape.values() if graphs.cache is cache), None)

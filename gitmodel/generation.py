@@ -16,6 +16,7 @@ from gitmodel.kv_cache import DecodeShape, KVCache
 from gitmodel.modeling import text_attention_mask, text_positions
 
 if TYPE_CHECKING:
+    from gitmodel.cuda_graphs import ShapeGraphs
     from gitmodel.modeling import GitForCausalLM
 
 # transformers' "minus infinity" for beam bookkeeping; the same constant keeps ties identical.
@@ -186,9 +187,20 @@ def decode_one_token(
     model: GitForCausalLM, prompt: _Prompt, tokens: torch.Tensor, positions: torch.Tensor, step: int
 ) -> torch.Tensor:
     """Logits for the next token of every row, given this step's tokens (rows,)."""
-    if _graphs_active(model, tokens.device):
-        return model.decode_graphs.run(model, prompt, tokens, positions, step)
-    return decode_one_token_eager(model, prompt, tokens, positions, step)
+    graphs = _step_graphs(model, prompt)
+    if graphs is None:
+        return decode_one_token_eager(model, prompt, tokens, positions, step)
+    static_tokens, static_positions = graphs.static("decode inputs", lambda: (torch.empty_like(tokens), torch.empty_like(positions)))
+    static_tokens.copy_(tokens)
+    static_positions.copy_(positions)
+    return graphs.run(("decode", step), lambda: decode_one_token_eager(model, prompt, static_tokens, static_positions, step))
+
+
+def _step_graphs(model: GitForCausalLM, prompt: _Prompt) -> ShapeGraphs | None:
+    """The CUDA graphs over this prompt's cache, when the model uses graphs and the cache is theirs."""
+    if not _graphs_active(model, prompt.ids.device):
+        return None
+    return model.decode_graphs.owning(prompt.cache)
 
 
 def _graphs_active(model: GitForCausalLM, device: torch.device) -> bool:
@@ -206,6 +218,69 @@ def decode_one_token_eager(
     return model.output(hidden[:, -1])
 
 
+class _GreedyState:
+    """What greedy search and sampling keep per row, one column per generated token.
+
+    A step reads column `step` (and the previous token) and writes columns `step` and `step + 1`
+    only, so running a step twice is the same as running it once, as a CUDA graph capture needs.
+    `active` maps the rows still in the cache to rows here (all of them, unless finished rows
+    were dropped from the cache).
+    """
+
+    def __init__(self, prompt: _Prompt, max_new_tokens: int):
+        rows, device = prompt.ids.shape[0], prompt.ids.device
+        self.first_logits = torch.empty_like(prompt.first_logits)
+        self.start_positions = torch.empty(rows, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
+        self.active = torch.arange(rows, device=device)
+        self.generated = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+        self.token_logprobs = torch.empty(rows, max_new_tokens, device=device)
+        self.alive = torch.empty(rows, max_new_tokens + 1, dtype=torch.bool, device=device)  # True: the row chooses that token
+
+    def begin(self, prompt: _Prompt, seeds: torch.Tensor | None) -> None:
+        self.first_logits.copy_(prompt.first_logits)
+        self.start_positions.copy_(prompt.next_position)
+        if seeds is not None:
+            self.seeds.copy_(seeds)
+        self.alive.fill_(False)
+        self.alive[:, 0] = True
+
+    def keep_rows(self, keep: torch.Tensor, prompt: _Prompt) -> None:
+        prompt.keep_rows(keep)
+        self.active = self.active[keep]
+
+    def finish(self, prompt_ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + generated tokens (finished rows padded), and each row's mean token log-prob."""
+        chose = self.alive[:, :-1]
+        lengths = chose.sum(dim=-1)
+        generated = torch.where(chose, self.generated, pad)
+        logprob_sum = torch.where(chose, self.token_logprobs, 0.0).sum(dim=-1)
+        # transformers stops when the last row finishes: its output is as long as the longest row.
+        sequences = torch.cat([prompt_ids, generated[:, : int(lengths.max())]], dim=1)
+        return sequences, logprob_sum / lengths.clamp(min=1)
+
+
+def _greedy_step(
+    model: GitForCausalLM, prompt: _Prompt, state: _GreedyState, step: int, eos_ids: tuple[int, ...], sampler: _Sampler | None
+) -> None:
+    """Feed the previous token through the decoder (from step 1 on), then choose token `step` of every active row."""
+    rows = state.active
+    if step == 0:
+        logits = state.first_logits
+    else:
+        previous = state.generated[rows, step - 1]
+        logits = decode_one_token_eager(model, prompt, previous, state.start_positions[rows] + (step - 1), step - 1)
+    logits = logits.float()
+    tokens = sampler.choose(logits, state.seeds[rows], step) if sampler else logits.argmax(dim=-1)
+    running = state.alive[rows, step]
+    finished = torch.zeros_like(running)
+    for eos in eos_ids:  # Python constants: a capture cannot copy a list of ids to the GPU
+        finished |= tokens == eos
+    state.generated[rows, step] = tokens
+    state.token_logprobs[rows, step] = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    state.alive[rows, step + 1] = running & ~finished
+
+
 def greedy_or_sample(
     model: GitForCausalLM,
     prompt: _Prompt,
@@ -214,47 +289,33 @@ def greedy_or_sample(
     pad: int,
     sampler: _Sampler | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = prompt.ids.shape[0]
-    device = prompt.ids.device
-    generated = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-    logprob_sum = torch.zeros(rows, device=device)
-    lengths = torch.zeros(rows, dtype=torch.long, device=device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-
-    active = torch.arange(rows, device=device)  # which original row each cache row holds
-    running = torch.ones(rows, dtype=torch.bool, device=device)
-    positions = prompt.next_position
-    logits = prompt.first_logits
-    graphed = _graphs_active(model, device)
+    graphs = _step_graphs(model, prompt)
+    if graphs is None:
+        state = _GreedyState(prompt, max_new_tokens)
+    else:
+        state = graphs.static("greedy", lambda: _GreedyState(prompt, max_new_tokens))
+    state.begin(prompt, sampler.seeds if sampler else None)
+    eos = tuple(eos_ids)
     # With CUDA graphs, look at the host only every few steps so the GPU never waits for it
-    # (the extra steps after the last EOS only add padding, trimmed below).
-    check_every = 4 if graphed else 1
+    # (the steps after the last EOS only add padding, trimmed at the end).
+    check_every = 1 if graphs is None else 4
     for step in range(max_new_tokens):
-        logits = logits.float()
-        tokens = sampler.choose(logits, active, step) if sampler else logits.argmax(dim=-1)
-        tokens = torch.where(running, tokens, pad)
-        token_logprob = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        generated[active, step] = tokens
-        logprob_sum[active] += torch.where(running, token_logprob, 0.0)
-        lengths[active] += running
-        running = running & ~torch.isin(tokens, eos)
-        if step + 1 == max_new_tokens:
+        if graphs is None:
+            _greedy_step(model, prompt, state, step, eos, sampler)
+        else:
+            key = ("greedy", step, eos, sampler.settings if sampler else None)
+            graphs.run(key, lambda: _greedy_step(model, prompt, state, step, eos, sampler))
+        if (step + 1) % check_every or step + 1 == max_new_tokens:
+            continue
+        running = state.alive[state.active, step + 1]
+        still_running = int(running.sum())
+        if still_running == 0:
             break
-        if (step + 1) % check_every == 0:
-            still_running = int(running.sum())
-            if still_running == 0:
-                break
-            # Finished rows stop costing work: drop them from the batch and the cache
-            # (not under CUDA graphs, which are captured for one batch shape).
-            if not graphed and still_running <= len(active) // 2:
-                keep = running.nonzero()[:, 0]
-                prompt.keep_rows(keep)
-                active, running, tokens, positions = active[keep], running[keep], tokens[keep], positions[keep]
-        logits = decode_one_token(model, prompt, tokens, positions, step)
-        positions = positions + 1
-    # transformers stops when the last row finishes: its output is as long as the longest row.
-    sequences = torch.cat([prompt.ids, generated[:, : int(lengths.max())]], dim=1)
-    return sequences, logprob_sum / lengths.clamp(min=1)
+        # Finished rows stop costing work: drop them from the batch and the cache
+        # (not under CUDA graphs, which are captured for one batch shape).
+        if graphs is None and still_running <= len(state.active) // 2:
+            state.keep_rows(running.nonzero()[:, 0], prompt)
+    return state.finish(prompt.ids, pad)
 
 
 def beam_search(
@@ -362,7 +423,12 @@ class _Sampler:
         self.top_k = top_k
         self.top_p = top_p
 
-    def choose(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+    @property
+    def settings(self) -> tuple[float, int, float]:
+        return self.temperature, self.top_k, self.top_p
+
+    def choose(self, logits: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+        """One token per row of `logits`, drawn with the noise of that row's seed (`seeds`, one per row)."""
         scores = logits / self.temperature
         if 0 < self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1)[0][:, -1:]
@@ -373,7 +439,7 @@ class _Sampler:
             drop_sorted = cumulative <= 1 - self.top_p
             drop_sorted[:, -1] = False  # always keep the most likely token
             scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-        return (scores + _gumbel_noise(self.seeds[rows], step, scores.shape[-1])).argmax(dim=-1)
+        return (scores + _gumbel_noise(seeds, step, scores.shape[-1])).argmax(dim=-1)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

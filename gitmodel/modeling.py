@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gitmodel.attention import QKVAttention
+from gitmodel.attention import QKVAttention, input_major_layout
 from gitmodel.checkpoint import PretrainedModel
 from gitmodel.config import GenerationConfig, GitConfig
 from gitmodel.hub import CheckpointFolder
@@ -280,13 +280,17 @@ class GitForCausalLM(PretrainedModel):
 
     def prepare_for_inference(self, cuda_graphs: bool = True, compile: bool = False) -> GitForCausalLM:
         """Speed-ups for batch inference: one matmul for q/k/v, CUDA graphs for the decode steps (on a
-        GPU, captured per batch shape) and, optionally, `torch.compile` (a minute to start, faster after)."""
+        GPU, captured per batch shape), on a CPU weights laid out for its small-batch GEMMs, and,
+        optionally, `torch.compile` (a minute to start, faster after)."""
         from gitmodel.cuda_graphs import DecodeGraphs
 
         self.eval()
+        on_cpu = self.device.type == "cpu"
         for module in self.modules():
             if isinstance(module, QKVAttention):
-                module.fuse_projections()
+                module.fuse_projections(input_major=on_cpu)
+            if on_cpu and isinstance(module, nn.Linear):
+                module.weight.data = input_major_layout(module.weight.data)
         self.decode_graphs = DecodeGraphs() if cuda_graphs else None
         if compile:
             # Compiled in place, so parameter names stay the checkpoint's. In the decoder, only the parts

@@ -201,3 +201,21 @@ def test_bfloat16_generation_runs_and_mostly_agrees(pair, tmp_path):
 def _saved(reference, path):
     reference.save_pretrained(str(path))
     return path
+
+
+def test_model_prepared_for_inference_still_matches(pair, tmp_path):
+    """Fused q/k/v and, on a CPU, input-major weights: other kernels, the same tokens, the same checkpoint."""
+    reference, _ = pair
+    prepared = gitmodel.GitForCausalLM.from_pretrained(_saved(reference, tmp_path / "in")).prepare_for_inference()
+    assert not prepared.output.weight.is_contiguous()  # laid out for the CPU's small-batch GEMMs
+    pixels = images(5, seed=30)
+    for settings in (dict(), dict(num_beams=3)):
+        expected = reference.generate(pixel_values=pixels, max_new_tokens=8, **settings)
+        assert torch.equal(prepared.generate(pixels, max_new_tokens=8, **settings), expected)
+    ids, mask = left_padded_prompts()
+    expected = reference.generate(pixel_values=images(4, seed=31), input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(prepared.generate(images(4, seed=31), ids, mask, max_new_tokens=6), expected)
+    prepared.save_pretrained(tmp_path / "out")
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(tmp_path / "in" / "model.safetensors").keys()
+    for name, saved in load_file(tmp_path / "out" / "model.safetensors").items():
+        assert torch.equal(saved, reference.state_dict()[name]), name
