@@ -1,8 +1,10 @@
 """Caption quality flags: what a dataset builder wants to know about each caption, as columns.
 
 No row is dropped for its caption. Each output row gets `words` (the best caption's word count)
-and `flags` (a list of codes, empty when nothing is wrong); `output.filter` then selects rows for
-the filtered view from the flags (see pipeline.views). The codes, always in this order:
+and `flags` (a list of codes, empty when nothing is wrong); a row with several captions
+(num_return_sequences > 1) also gets `captions_flags`, the flags of each of its `captions`.
+`output.filter` then selects rows, and captions within them, for the filtered view (see
+pipeline.views). The codes, always in this order:
 
     empty           the caption has no words (then no length flag)
     too_short       fewer than output.quality.min_words words
@@ -14,8 +16,8 @@ the filtered view from the flags (see pipeline.views). The codes, always in this
     low_score       score (mean token log-prob) below output.quality.min_score, when that is set
 
 Words are runs of letters and digits (an apostrophe inside a word keeps it whole), compared
-without regard to case; punctuation is not a word. An error row has no caption, so its `words`
-and `flags` are null: "not assessed", which an empty list would misstate as "fine".
+without regard to case; punctuation is not a word. An error row has no caption, so its `words`,
+`flags` and `captions_flags` are null: "not assessed", which an empty list would misstate as "fine".
 """
 
 from __future__ import annotations
@@ -77,3 +79,12 @@ def quality_columns(
         words.append(len(found))
         flags.append(caption_flags(found, score, rules))
     return pa.array(words, pa.int32()), pa.array(flags, pa.list_(pa.string()))
+
+
+def captions_flags_column(captions: pa.ChunkedArray, scores: pa.ChunkedArray, rules: QualityConfig) -> pa.Array:
+    """The `captions_flags` column: for each row, the flags of each of its captions (null on error rows)."""
+    flags = [
+        None if texts is None else [caption_flags(caption_words(text), score, rules) for text, score in zip(texts, values)]
+        for texts, values in zip(captions.to_pylist(), scores.to_pylist())
+    ]
+    return pa.array(flags, pa.list_(pa.list_(pa.string())))

@@ -8,7 +8,7 @@ pandas, pyarrow, DuckDB and Hugging Face `datasets` read; bookkeeping lives in t
 Columns: key, source, caption, score (mean token log-prob), error ("reason: message", null on
 success), width, height (original, upright), model, words and flags (the best caption's word
 count and quality flags, see pipeline.quality; null on error rows); with num_return_sequences > 1
-also captions and scores (best first); with output.include_image the image as a Hugging Face
+also captions and scores (best first) and captions_flags (each caption's flags); with output.include_image the image as a Hugging Face
 {bytes, path} struct; then the source's metadata (WebDataset members by extension, Parquet's
 other columns). A metadata column whose name is taken gets the prefix `source_`.
 """
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.job import QualityConfig
-from pipeline.quality import quality_columns
+from pipeline.quality import captions_flags_column, quality_columns
 from pipeline.storage import Folder
 
 FOOTER_KEY = b"gitcap"
@@ -41,7 +41,11 @@ BASE_FIELDS = [
     pa.field("model", pa.string()),
 ]
 QUALITY_FIELDS = [pa.field("words", pa.int32()), pa.field("flags", pa.list_(pa.string()))]
-MULTI_FIELDS = [pa.field("captions", pa.list_(pa.string())), pa.field("scores", pa.list_(pa.float32()))]
+MULTI_FIELDS = [
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("scores", pa.list_(pa.float32())),
+    pa.field("captions_flags", pa.list_(pa.list_(pa.string()))),
+]
 RESERVED = frozenset(f.name for f in BASE_FIELDS + QUALITY_FIELDS + MULTI_FIELDS) | {"image"}
 
 
@@ -52,10 +56,12 @@ def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool
     rows = rows.take(pc.sort_indices(rows, [("shard", "ascending"), ("seq", "ascending")]))
     columns: dict[str, pa.Array] = {f.name: rows[f.name].cast(f.type) for f in BASE_FIELDS if f.name != "model"}
     columns["model"] = pa.array([model_id] * rows.num_rows, pa.string())
-    columns["words"], columns["flags"] = quality_columns(rows["caption"], rows["score"], quality or QualityConfig())
+    quality = quality or QualityConfig()
+    columns["words"], columns["flags"] = quality_columns(rows["caption"], rows["score"], quality)
     fields = BASE_FIELDS + QUALITY_FIELDS
     if multi:
-        columns.update(captions=rows["captions"], scores=rows["scores"])
+        columns.update(captions=rows["captions"], scores=rows["scores"],
+                       captions_flags=captions_flags_column(rows["captions"], rows["scores"], quality))
         fields += MULTI_FIELDS
     if include_image:
         image, key = rows["image"].combine_chunks(), rows["key"].combine_chunks()

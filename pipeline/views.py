@@ -1,7 +1,8 @@
 """Step 5 of the data path: what is derived from the committed data files, for dataset builders.
 
     OUTPUT/part-X.parquet                     every row: the commit (pipeline.sink)
-    OUTPUT/__dataset__/filtered/part-X.parquet  the rows output.filter keeps (no error, none of its flags)
+    OUTPUT/__dataset__/filtered/part-X.parquet  the rows output.filter keeps (no error, none of its flags),
+                                              and in them the `captions` it keeps
     OUTPUT/__dataset__/webdataset/part-X.tar    the ok rows as WebDataset samples (output.webdataset)
     OUTPUT/__dataset__/README.md              the dataset card (pipeline.card), once the job is complete
     OUTPUT/.gitcap/views/part-X.json          which version of part-X.parquet its views were built
@@ -62,17 +63,19 @@ def publish_views(folder: Folder, output: OutputConfig, name: str, table: pa.Tab
     """Publish the views of the just-committed data file `name` (its rows: `table`), then their
     record; returns the record."""
     stem = name.removesuffix(".parquet")
-    kept = None
+    kept = kept_captions = None
     if output.filter is not None:
-        view = table.filter(kept_rows(table, output.filter)).replace_schema_metadata(None)
+        view = filtered_view(table, output.filter).replace_schema_metadata(None)
         with folder.publish(f"{FILTERED}/{name}") as f:
             write_parquet(view, f)
         kept = view.num_rows
+        if "captions" in view.column_names:
+            kept_captions = pc.sum(pc.list_value_length(view["captions"])).as_py() or 0
     if output.webdataset:
         with folder.publish(f"{WEBDATASET}/{stem}.tar") as f:
             write_webdataset_tar(table, f, mtime=int(manifest["committed_at"]))
     record = {"file": name, "data": _version(manifest), "views": _view_settings(output), "kept": kept,
-              "stats": file_stats(table)}
+              "kept_captions": kept_captions, "stats": file_stats(table)}
     folder.write_json(f"{RECORDS}/{stem}.json", record)
     return record
 
@@ -117,6 +120,21 @@ def _version(manifest: dict[str, Any]) -> dict[str, Any]:
 def _view_settings(output: OutputConfig) -> dict[str, Any]:
     drop = None if output.filter is None else sorted(output.filter.drop_flags)
     return {"filter": drop, "webdataset": output.webdataset}
+
+
+def filtered_view(table: pa.Table, rules: FilterConfig) -> pa.Table:
+    """The rows the filter keeps; in rows with several captions, only the captions it keeps (the best
+    caption, which kept its row, stays first, and `scores` and `captions_flags` stay aligned)."""
+    view = table.filter(kept_rows(table, rules))
+    if "captions_flags" not in view.column_names:
+        return view
+    drop = set(rules.drop_flags)
+    keep = [[not drop.intersection(flags) for flags in row] for row in view["captions_flags"].to_pylist()]
+    for name in ("captions", "scores", "captions_flags"):
+        field = view.schema.field(name)
+        values = [[v for v, k in zip(row, row_keep) if k] for row, row_keep in zip(view[name].to_pylist(), keep)]
+        view = view.set_column(view.schema.get_field_index(name), field, pa.array(values, field.type))
+    return view
 
 
 def kept_rows(table: pa.Table, rules: FilterConfig) -> pa.Array:

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import run_caption_job
-from pipeline.job import CaptionJob, JobConfigError, QualityConfig
+from pipeline.job import CaptionJob, FilterConfig, JobConfigError, QualityConfig
 from pipeline.quality import FLAG_CODES, caption_flags, caption_words, has_repeated_ngram
 from pipeline.sink import output_table
-from pipeline.views import CARD_FILE, FILTERED, RECORDS, WEBDATASET
+from pipeline.views import CARD_FILE, FILTERED, RECORDS, WEBDATASET, filtered_view
 from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
     assert_each_key_once,
     job,
@@ -79,6 +79,24 @@ def test_output_rows_get_words_and_flags_and_error_rows_get_nulls():
     assert table.column_names[7:11] == ["model", "words", "flags", "source_flags"]  # metadata never shadows ours
     assert table["words"].to_pylist() == [4, None, 2]
     assert table["flags"].to_pylist() == [["repeated_ngram"], None, ["too_short"]]
+
+
+def test_each_of_several_captions_is_flagged_and_the_view_keeps_the_ones_that_pass():
+    rows = pa.table({
+        "shard": ["s"] * 3, "seq": [0, 1, 2], "key": ["a", "b", "c"], "source": ["s"] * 3, "width": [4] * 3,
+        "height": [3] * 3, "error": [None, "truncated: cut", None], "meta": [pickle.dumps({})] * 3,
+        "image": pa.array([None] * 3, pa.binary()), "caption": ["a red cat", None, "a dog a dog"],
+        "score": pa.array([-0.1, None, -0.3], pa.float32()),
+        "captions": [["a red cat", "cat", "a big red cat"], None, ["a dog a dog", "a brown dog"]],
+        "scores": pa.array([[-0.1, -0.2, -0.5], None, [-0.3, -0.4]], pa.list_(pa.float32())),
+    })
+    table = output_table(rows, "m", multi=True, include_image=False, quality=QualityConfig(min_words=2))
+    assert table["captions_flags"].to_pylist() == [[[], ["too_short"], []], None, [["repeated_ngram"], []]]
+    view = filtered_view(table, FilterConfig(drop_flags=["too_short", "repeated_ngram"]))
+    assert view["key"].to_pylist() == ["a"]  # the row goes with its best caption
+    assert view["captions"].to_pylist() == [["a red cat", "a big red cat"]]
+    assert view["scores"].to_pylist()[0] == pytest.approx([-0.1, -0.5])
+    assert view["captions_flags"].to_pylist() == [[[], []]]
 
 
 # --- the spec ---------------------------------------------------------------------------------

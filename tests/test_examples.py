@@ -101,12 +101,21 @@ def test_a_synthetic_caption_dataset_with_five_sampled_captions(examples_bucket,
     kept = pq.read_table([f"s3://{p}" for p in fs.glob(f"{root}/filtered/*.parquet")], filesystem=fs).to_pandas()
     expected = frame[frame["flags"].map(len).eq(0)]
     assert sorted(kept["key"]) == sorted(expected.index) and (kept["score"] >= -1.0).all()
+    # Each sampled caption is flagged too, and the filtered view keeps only the captions that pass.
+    assert frame["captions_flags"].map(len).eq(5).all()
+    assert (frame["captions_flags"].map(lambda f: list(f[0])) == frame["flags"].map(list)).all()
+    kept = kept.set_index("key")
+    for key, row in kept.iterrows():
+        passing = [c for c, f in zip(frame.loc[key, "captions"], frame.loc[key, "captions_flags"]) if not len(f)]
+        assert list(row["captions"]) == passing and len(row["scores"]) == len(passing)
+        assert all(len(f) == 0 for f in row["captions_flags"]) and min(row["scores"]) >= -1.0
     samples = set()
     for path in fs.glob(f"{root}/webdataset/*.tar"):
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
             samples |= {name.rsplit(".", 1)[0] for name in tar.getnames()}
     assert len(samples) == SCENES
-    assert "num_return_sequences" in fs.cat(f"{root}/README.md").decode()
+    card = fs.cat(f"{root}/README.md").decode()
+    assert "num_return_sequences" in card and f"| captions in `captions` (all of the ok rows) | {5 * SCENES} |" in card
 
     # Sampling is seeded per key: the same job into another folder samples the same captions.
     again = ["--set", f"output.path=s3://{BUCKET}/synthetic-again"]
