@@ -219,3 +219,15 @@ def test_model_prepared_for_inference_still_matches(pair, tmp_path):
     assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(tmp_path / "in" / "model.safetensors").keys()
     for name, saved in load_file(tmp_path / "out" / "model.safetensors").items():
         assert torch.equal(saved, reference.state_dict()[name]), name
+
+
+def test_compiled_model_matches_transformers(pair, tmp_path):
+    """`compile=True` (torch.compile of the vision tower and the decoder's dense parts): the same tokens.
+    On a GPU it runs inside the CUDA graphs too (tests/test_gpu.py); here it checks that every compiled
+    part traces and computes what the eager one does."""
+    reference, _ = pair
+    compiled = gitmodel.GitForCausalLM.from_pretrained(_saved(reference, tmp_path)).prepare_for_inference(compile=True)
+    for seed in (40, 41):  # the second call reuses the compiled code
+        pixels = images(6, seed=seed)
+        expected = reference.generate(pixel_values=pixels, max_new_tokens=8)
+        assert torch.equal(compiled.generate(pixels, max_new_tokens=8), expected)
