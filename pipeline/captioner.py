@@ -78,9 +78,8 @@ class Captioner:
         rows = np.flatnonzero(todo)
         started, self.tokens_generated = time.perf_counter(), 0
         if len(rows):
-            pixels = batch["pixels"].take(pa.array(rows)).to_pylist()
             keys = batch["key"].take(pa.array(rows)).to_pylist()
-            crops = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(self.crop_shape) for p in pixels])
+            crops = stacked_crops(batch["pixels"], rows, self.crop_shape)
             for i, (texts, values, error) in zip(rows, self._caption_or_split(crops, keys)):
                 captions[i], scores[i], errors[i] = texts, values, error or errors[i]
         seconds = time.perf_counter() - started
@@ -134,6 +133,23 @@ class Captioner:
             table = table.append_column("captions", pa.array(captions, pa.list_(pa.string())))
             table = table.append_column("scores", pa.array(scores, pa.list_(pa.float32())))
         return table
+
+
+def stacked_crops(pixels: pa.ChunkedArray, rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The crops of `rows` as one uint8 array (n, H, W, 3), read straight from Arrow's data buffer.
+
+    Per-row Python bytes objects cost more than the model's own step on a fast GPU (~12 ms for 256
+    crops of 224x224); one buffer view costs nothing when every row is captioned, one copy otherwise.
+    """
+    column = (pixels if len(rows) == len(pixels) else pixels.take(pa.array(rows))).combine_chunks()
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64 if pa.types.is_large_binary(column.type) else np.int32)
+    offsets = offsets[column.offset : column.offset + len(column) + 1]
+    crop_bytes = int(np.prod(shape))
+    if not (np.diff(offsets) == crop_bytes).all():
+        sizes = sorted(set(np.diff(offsets).tolist()) - {crop_bytes})
+        raise ValueError(f"crops of {sizes[0]} bytes where the model's preprocessing makes {crop_bytes} ({shape})")
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(len(column), *shape)
 
 
 BUNDLED_MODEL_ID = "gitcap/bundled"

@@ -8,12 +8,13 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
-from pipeline.captioner import Captioner, CaptionerConfig, image_seed
+from pipeline.captioner import Captioner, CaptionerConfig, image_seed, stacked_crops
 from pipeline.runner import ShardAssembler
 from pipeline.sink import output_table
 from pipeline.sources import Record, Shard, ShardError
@@ -255,3 +256,16 @@ def test_of_two_runs_that_start_together_exactly_one_goes_on(tmp_path):
     progress.write_run({**new_run_record("a-run", False), "host": "elsewhere", "registered_at": 0})
     with pytest.raises(ConcurrentRunError, match="run a-run"):
         progress.claim(new_run_record("d-run", False))
+
+
+def test_crops_are_read_from_arrow_buffers_whatever_the_chunks_and_rows():
+    shape = (2, 3, 3)
+    crops = np.arange(5 * 18, dtype=np.uint8).reshape(5, *shape)
+    rows_as_bytes = [c.tobytes() for c in crops]
+    chunked = pa.chunked_array([pa.array(rows_as_bytes[:2], pa.binary()), pa.array(rows_as_bytes[2:], pa.binary())])
+    sliced = pa.chunked_array([pa.array([b"x"] + rows_as_bytes, pa.large_binary()).slice(1)])  # a non-zero offset
+    for column in (chunked, sliced):
+        assert np.array_equal(stacked_crops(column, np.arange(5), shape), crops)
+        assert np.array_equal(stacked_crops(column, np.array([0, 3, 4]), shape), crops[[0, 3, 4]])
+    with pytest.raises(ValueError, match="crops of 17 bytes where the model's preprocessing makes 18"):
+        stacked_crops(pa.chunked_array([pa.array(rows_as_bytes[:2] + [b"y" * 17])]), np.arange(3), shape)
