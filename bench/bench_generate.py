@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the decoder's dense parts")
     parser.add_argument("--large", action="store_true", help="git-large shape instead of git-base")
-    parser.add_argument("--profile", action="store_true", help="print the kernels of one call at the largest batch, by time")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the kernels of one call at the largest batch, most time first")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     torch.set_grad_enabled(False)

@@ -23,7 +23,8 @@ class QKVAttention(nn.Module):
     def fuse_projections(self, input_major: bool = False) -> None:
         layers = self.projections()
         weight = torch.cat([layer.weight for layer in layers]).detach()
-        self.fused = (input_major_layout(weight) if input_major else weight, torch.cat([layer.bias for layer in layers]).detach())
+        bias = torch.cat([layer.bias for layer in layers]).detach()
+        self.fused = (input_major_layout(weight) if input_major else weight, bias)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, length, head_dim)."""

@@ -190,10 +190,10 @@ def decode_one_token(
     graphs = _step_graphs(model, prompt)
     if graphs is None:
         return decode_one_token_eager(model, prompt, tokens, positions, step)
-    static_tokens, static_positions = graphs.static("decode inputs", lambda: (torch.empty_like(tokens), torch.empty_like(positions)))
-    static_tokens.copy_(tokens)
-    static_positions.copy_(positions)
-    return graphs.run(("decode", step), lambda: decode_one_token_eager(model, prompt, static_tokens, static_positions, step))
+    static = graphs.static("decode inputs", lambda: (torch.empty_like(tokens), torch.empty_like(positions)))
+    static[0].copy_(tokens)
+    static[1].copy_(positions)
+    return graphs.run(("decode", step), lambda: decode_one_token_eager(model, prompt, *static, step))
 
 
 def _step_graphs(model: GitForCausalLM, prompt: _Prompt) -> ShapeGraphs | None:
@@ -235,7 +235,8 @@ class _GreedyState:
         self.active = torch.arange(rows, device=device)
         self.generated = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
         self.token_logprobs = torch.empty(rows, max_new_tokens, device=device)
-        self.alive = torch.empty(rows, max_new_tokens + 1, dtype=torch.bool, device=device)  # True: the row chooses that token
+        # alive[row, s]: the row is still running when token s is chosen.
+        self.alive = torch.empty(rows, max_new_tokens + 1, dtype=torch.bool, device=device)
 
     def begin(self, prompt: _Prompt, seeds: torch.Tensor | None) -> None:
         self.first_logits.copy_(prompt.first_logits)
@@ -261,7 +262,12 @@ class _GreedyState:
 
 
 def _greedy_step(
-    model: GitForCausalLM, prompt: _Prompt, state: _GreedyState, step: int, eos_ids: tuple[int, ...], sampler: _Sampler | None
+    model: GitForCausalLM,
+    prompt: _Prompt,
+    state: _GreedyState,
+    step: int,
+    eos_ids: tuple[int, ...],
+    sampler: _Sampler | None,
 ) -> None:
     """Feed the previous token through the decoder (from step 1 on), then choose token `step` of every active row."""
     rows = state.active

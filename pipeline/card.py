@@ -35,7 +35,9 @@ def file_stats(table: pa.Table) -> dict[str, Any]:
     flags = ok["flags"].to_pylist()
     scores = [s for s in ok["score"].to_pylist() if s is not None and not math.isnan(s)]
     sample = ok.slice(0, SAMPLES_PER_FILE)
-    each_caption = [codes for row in ok["captions_flags"].to_pylist() for codes in row] if "captions_flags" in ok.column_names else []
+    each_caption = []
+    if "captions_flags" in ok.column_names:
+        each_caption = [codes for row in ok["captions_flags"].to_pylist() for codes in row]
     return {
         "captions": len(each_caption),
         "captions_flagged": sum(1 for codes in each_caption if codes),
@@ -81,7 +83,8 @@ def render_card(job: CaptionJob, manifests: dict[str, dict], records: dict[str, 
         counts += [("captions in `captions` (all of the ok rows)", captions),
                    ("of which flagged", sum(s["captions_flagged"] for s in stats))]
         if output.filter is not None:
-            counts.append(("of which kept by the filter", sum(records[name].get("kept_captions", 0) for name in records)))
+            kept_captions = sum(records[name].get("kept_captions", 0) for name in records)
+            counts.append(("of which kept by the filter", kept_captions))
     if output.webdataset:
         counts.append((f"WebDataset samples (webdataset/, {len(records)} tars)", ok))
     settings = {**job.decisive_settings(), "views": {
