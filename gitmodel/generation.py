@@ -111,6 +111,13 @@ def generate(
         max_new_tokens = max_length - input_ids.shape[1] if max_length else _DEFAULT_NEW_TOKENS
         if max_new_tokens < 1:
             raise ValueError(f"the prompt is already max_length ({max_length}) long; pass max_new_tokens")
+    # Every token but the last generated one is fed back at the next text position.
+    positions = input_ids.shape[1] + max_new_tokens - 1
+    if positions > model.config.max_position_embeddings:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} after a {input_ids.shape[1]}-token prompt needs {positions} text "
+            f"positions, but this model has {model.config.max_position_embeddings} (max_position_embeddings)"
+        )
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; choose one")
     if num_beams > 1 and num_return_sequences > num_beams:

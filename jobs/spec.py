@@ -122,6 +122,7 @@ def _check_output(url: str, storage_options: dict[str, Any]):
 
 
 def _check_model(job: CaptionJob) -> tuple[str, str]:
+    from gitmodel.config import GitConfig
     from gitmodel.hub import CheckpointFolder
     from pipeline.captioner import resolve_model
 
@@ -138,4 +139,10 @@ def _check_model(job: CaptionJob) -> tuple[str, str]:
         raise JobConfigError("model.path", f"cannot open {path}: {storage_error_cause(err)}") from None
     if missing:
         raise JobConfigError("model.path", f"{path} is not a GIT checkpoint folder (no {' or '.join(missing)})")
+    positions = folder.read_json("config.json").get("max_position_embeddings", GitConfig.max_position_embeddings)
+    if job.generation.max_new_tokens > positions:  # [CLS] plus all but the last new token are fed back
+        raise JobConfigError(
+            "generation.max_new_tokens",
+            f"{job.generation.max_new_tokens} is more than {path} can generate: it has {positions} text positions",
+        )
     return path, model_id

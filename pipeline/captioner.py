@@ -7,7 +7,10 @@ text. Sampling is reproducible across batches, actors and resumed runs: each ima
 from a seed derived from (generation.seed, key), never from its position in a batch.
 
 A batch the model cannot run (out of memory, say) is split in halves and retried; an image that
-fails alone becomes an error row (`caption_failed`), and the job goes on.
+fails alone becomes an error row (`caption_failed`), and the job goes on. But when every image of
+a batch fails, alone as well as together, the model or the device is broken, not the images (they
+are decoded crops of the right size by now): the actor raises `CaptioningError` and the run stops,
+keeping what it committed, instead of writing an error row for every image of the collection.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class CaptionerConfig:
     prompt: str | None = None
     seed: int = 0
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+
+
+class CaptioningError(RuntimeError):
+    """The model failed on every image of a batch: a broken model or device, not bad images."""
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -80,7 +87,13 @@ class Captioner:
         if len(rows):
             keys = batch["key"].take(pa.array(rows)).to_pylist()
             crops = stacked_crops(batch["pixels"], rows, self.crop_shape)
-            for i, (texts, values, error) in zip(rows, self._caption_or_split(crops, keys)):
+            results = self._caption_or_split(crops, keys)
+            if all(error for _, _, error in results):
+                raise CaptioningError(
+                    f"the model failed on each of the {len(rows)} images of a batch, together and one by one "
+                    f"({results[0][2]}): stopping rather than writing an error row for every image"
+                )
+            for i, (texts, values, error) in zip(rows, results):
                 captions[i], scores[i], errors[i] = texts, values, error or errors[i]
         seconds = time.perf_counter() - started
         images = [e for e, seq in zip(errors, batch["seq"].to_pylist()) if seq >= 0]  # end markers are not images

@@ -501,8 +501,10 @@ def _wave_size(job: CaptionJob, shards: int) -> int:
 
 def root_cause(err: BaseException) -> str:
     """One line for an error: Ray wraps a worker's exception (a model that fails to load, say)
-    in a traceback, whose last line names the original."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    in a traceback, whose last line names the original; where Ray Data chains its own exception
+    on (a batch function that raised), the original's line is the last before the chaining."""
+    original = str(err).split("The above exception was the direct cause of the following exception:")[0]
+    lines = [line.strip() for line in original.splitlines() if line.strip()]
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 

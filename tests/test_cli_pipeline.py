@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -86,6 +87,18 @@ def test_a_model_that_cannot_load_fails_the_run_in_one_line(tmp_path, tiny_model
     assert "gitcap run: failed: gitmodel.checkpoint.CheckpointError: " in capsys.readouterr().err
     assert main(["status", str(tmp_path / "out")]) == 0
     assert "failed: gitmodel.checkpoint.CheckpointError" in capsys.readouterr().out
+
+
+def test_a_model_that_fails_on_every_image_stops_the_run_instead_of_writing_error_rows(tmp_path, tiny_model, capsys):
+    positions = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
+    write_scene_shards(tmp_path / "in", shards=2, per_shard=3)
+    # A long prompt leaves too few positions for max_new_tokens: every image fails in the model.
+    generation = {"prompt": "a question of many words that the tiny model reads", "max_new_tokens": positions - 2}
+    assert main(["run", spec(tmp_path, tiny_model, generation=generation), "--num-cpus", "2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "gitcap run: failed: " in err and "CaptioningError: the model failed on each of the" in err
+    assert f"but this model has {positions} (max_position_embeddings)" in err
+    assert not list((tmp_path / "out").glob("*.parquet")), "no error rows were committed"
 
 
 def test_demo_with_the_bundled_model_or_a_clear_message(tmp_path, capsys):

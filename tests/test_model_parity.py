@@ -185,6 +185,9 @@ def test_invalid_generation_settings_are_clear_errors(pair):
         ours.generate(pixels, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="32x32"):
         ours.generate(images(1, size=48))
+    with pytest.raises(ValueError, match="needs 65 text positions, but this model has 64"):
+        ours.generate(pixels, max_new_tokens=64, input_ids=torch.tensor([[101, 5]]))
+    assert ours.generate(pixels, max_new_tokens=63, input_ids=torch.tensor([[101, 5]]), eos_token_id=[]).shape == (1, 65)
 
 
 def test_bfloat16_generation_runs_and_mostly_agrees(pair, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
-from pipeline.captioner import Captioner, CaptionerConfig, image_seed, stacked_crops
+from pipeline.captioner import Captioner, CaptionerConfig, CaptioningError, image_seed, stacked_crops
 from pipeline.runner import ShardAssembler
 from pipeline.sink import output_table
 from pipeline.sources import Record, Shard, ShardError
@@ -152,6 +152,17 @@ def test_a_batch_that_fails_is_split_until_the_bad_image_is_alone(tmp_path, capt
     out = {r["key"]: r for r in captioner(batch).to_pylist()}
     assert out["s/2"]["error"] == "caption_failed: RuntimeError: CUDA out of memory"
     assert all(out[f"s/{i}"]["caption"] is not None for i in (0, 1, 3))
+
+
+def test_a_model_that_fails_on_every_image_stops_the_run(tmp_path, captioner, monkeypatch):
+    batch = captioner_input(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(3)] + [("bad.jpg", b"")])
+
+    def broken(self, crops, keys):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Captioner, "caption", broken)
+    with pytest.raises(CaptioningError, match=r"each of the 3 images .*\(caption_failed: RuntimeError: CUDA error"):
+        captioner(batch)
 
 
 def test_image_seeds_depend_on_the_job_seed_and_key_alone():

@@ -3,7 +3,9 @@ model loads with one message naming the field and the cause."""
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,6 +120,15 @@ def test_preflight_names_a_model_path_without_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     err = error_of(preflight, CaptionJob.from_dict(minimal(tmp_path, str(tmp_path / "empty"))))
     assert err.field == "model.path" and "config.json" in str(err)
+
+
+def test_preflight_refuses_more_new_tokens_than_the_model_has_positions(tmp_path, tiny_model):
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    positions = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
+    spec = minimal(tmp_path, tiny_model)
+    err = error_of(preflight, CaptionJob.from_dict({**spec, "generation": {"max_new_tokens": positions + 1}}))
+    assert err.field == "generation.max_new_tokens" and f"it has {positions} text positions" in str(err)
+    preflight(CaptionJob.from_dict({**spec, "generation": {"max_new_tokens": positions}}))
 
 
 def test_preflight_names_unreachable_storage(tmp_path, tiny_model):
