@@ -68,6 +68,7 @@ COMMIT_INTERVAL_S = 60.0
 PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task
 READ_AHEAD_BATCHES = 32  # decoded batches in the object store per captioning actor, at most about
 OBJECT_STORE_FLOOR = 256 << 20  # a wave is committed at least this often, full or not
+STORAGE_FAILURE_STREAK = 16  # shards in a row whose storage failed (each after retries): storage is down
 FAILPOINT_ENV = "GITCAP_FAILPOINT"  # tests: "NAME[:N]" SIGKILLs this process at the Nth NAME
 
 
@@ -156,6 +157,10 @@ def run_caption_job(
         raise
 
 
+class StorageUnavailableError(RuntimeError):
+    """Shard after shard cannot be read: the input's storage is down, not one shard damaged."""
+
+
 class _Run:
     """One run's loop on the driver: results in, shards assembled, waves committed, its record kept."""
 
@@ -169,6 +174,7 @@ class _Run:
         self.stage_seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "caption": 0.0}
         self.first_result: float | None = None
         self.storage_failed: dict[str, str] = {}
+        self.storage_streak = 0  # shards in a row whose storage failed
 
     def execute(self, blocks: Iterator[pa.Table], writer: _Writer, shards_todo: int,
                 progress_callback: Callable[[ProgressUpdate], None] | None) -> None:
@@ -179,7 +185,16 @@ class _Run:
             for shard in assembler.add(block):
                 if shard.storage_error:  # not committed: the next run retries it
                     self.storage_failed[shard.uri] = shard.storage_error
+                    self.storage_streak += 1
+                    if self.storage_streak >= STORAGE_FAILURE_STREAK:
+                        # Expired credentials or a storage outage: the rest of the job would only
+                        # fail the same way, shard after shard, each after its retries.
+                        raise StorageUnavailableError(
+                            f"the storage of {self.storage_streak} shards in a row failed, each after retries "
+                            f"(last: {shard.storage_error}): stopping until it works again"
+                        )
                     continue
+                self.storage_streak = 0
                 writer.add(shard)
                 if writer.due():
                     writer.flush()

@@ -115,7 +115,8 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
             break
         except ShardError as err:
             storage_error = str(err)
-            time.sleep(min(2**attempt, 10))
+            if attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(min(2**attempt, 10))
     # Time spent reading the shard (storage, tar/Parquet parsing) and decoding + cropping its
     # images, for the run summary's per-stage timings.
     read_s = time.perf_counter() - started - decode_s - waited_s

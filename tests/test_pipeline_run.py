@@ -96,6 +96,40 @@ def test_input_and_output_on_s3(tmp_path, tiny_model, s3_server, s3_bucket):
     assert s3_server.filesystem().exists(f"{s3_bucket}/out/.gitcap/complete.json")
 
 
+def test_a_storage_outage_stops_the_run_and_the_next_run_resumes(tmp_path, tiny_model, s3_server, s3_bucket,
+                                                                 monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    from pipeline import runner
+    from pipeline.runner import StorageUnavailableError
+    from tests.conftest import S3Server
+
+    streak = 4  # of 16: each failed shard waits out its retries, and this test should not
+    monkeypatch.setattr(runner, "STORAGE_FAILURE_STREAK", streak)
+    count = 24  # about half are read before the outage (reading runs ahead of captioning)
+    write_scenes(f"s3://{s3_bucket}/in", count=count, seed=6, format="webdataset", shard_size=1,
+                 storage_options=s3_server.storage_options)
+    # A second endpoint onto the same buckets, which goes down once the run has captioned something.
+    doomed = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    doomed.start()
+    host, port = doomed.get_host_and_port()
+    fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+    options = {**S3Server(f"http://{host}:{port}").storage_options, **fail_fast}
+    out = str(tmp_path / "out")
+    with pytest.raises(StorageUnavailableError, match=f"the storage of {streak} shards in a row failed"):
+        run_caption_job(job(f"s3://{s3_bucket}/in", out, tiny_model, input={"storage_options": options}),
+                        progress_callback=lambda update: doomed.stop())
+    status = job_status(out)
+    assert status.shards_done <= count - streak and not status.complete
+    assert status.last_run["state"].startswith(f"failed: the storage of {streak} shards in a row")
+
+    # The storage is back (the first endpoint): the next run captions what is left, each image once.
+    resumed = job(f"s3://{s3_bucket}/in", out, tiny_model, input={"storage_options": s3_server.storage_options})
+    summary = run_caption_job(resumed)
+    assert summary.complete and summary.exit_code == 0
+    assert_each_key_once(read_output(out), [f"{n:05d}/{n:09d}" for n in range(count)])
+
+
 def test_parquet_on_s3_with_an_image_file_that_is_missing(tiny_model, s3_server, s3_bucket):
     import pyarrow as pa
 
