@@ -7,8 +7,8 @@
     output:     {path, storage_options, include_image: false, webdataset: false,
                  quality: {min_words: 3, max_words: 40, min_score: null},
                  filter: null (or {drop_flags: [...]}, which makes the filtered view)}
-    compute:    {batch_size: 32, workers: 1, gpus_per_worker: 0, cpus_per_worker: 1,
-                 preprocess_workers, shards_per_wave}
+    compute:    {batch_size: null (256 on GPU workers, else 32), workers: 1, gpus_per_worker: 0,
+                 cpus_per_worker: 1, preprocess_workers, shards_per_wave}
 
 Override values are YAML, so `--set generation.num_beams=3` is an integer and
 `--set generation.prompt=null` clears the prompt. Every failure is one `JobConfigError` whose

@@ -289,7 +289,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
         storage_options=job.input.storage_options,
         image_column=job.input.image_column,
         include_image=job.output.include_image,
-        rows_per_batch=compute.batch_size,
+        rows_per_batch=compute.images_per_batch,
     )
     captioner = CaptionerConfig(
         # The bundled model is found by each actor in the gitcap it runs (on a cluster, the copy
@@ -306,7 +306,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
     )
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.execution_options.resource_limits
-    batch_bytes = compute.batch_size * height * width * 3
+    batch_bytes = compute.images_per_batch * height * width * 3
     # A block is about one captioning batch of crops: small blocks keep shards streaming.
     context.target_max_block_size = max(1 << 20, int(batch_bytes * 1.25))
     # Decoding outruns captioning: without a cap, Ray Data would read ahead until its object store
@@ -332,7 +332,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
         ds = ds.map_batches(
             Captioner,
             fn_constructor_kwargs={"config": captioner},
-            batch_size=compute.batch_size,
+            batch_size=compute.images_per_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=compute.workers),
             num_cpus=compute.cpus_per_worker,
