@@ -16,6 +16,8 @@ summed over this process and every process it started (the Ray cluster), for N a
 
   python bench/bench_pipeline.py                      # the bundled model, 2,000 images; 2k vs 20k memory
   python bench/bench_pipeline.py --model PATH --images 1000 --memory-scales 1000 10000
+  python bench/bench_pipeline.py --model git-base --gpus-per-worker 1 --batch-size 256 --images 8192 \
+      --shard-size 512 --rounds 2 --skip memory redo      # on a GPU machine
 """
 
 from __future__ import annotations
@@ -44,8 +46,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
-    """The model to measure: as given, else the bundled one, else an untrained model of the bundled
-    model's shape (random weights: it always generates max_new_tokens tokens)."""
+    """The model to measure: as given, or "git-base" (random weights of git-base's shape, 224-pixel
+    images; a tiny vocabulary file, since the words do not matter here), else the bundled one, else
+    an untrained model of the bundled model's shape (random weights: it always generates
+    max_new_tokens tokens)."""
+    if path == "git-base":
+        folder = os.path.join(work, "git-base-shape")
+        subprocess.run([sys.executable, "-c", (
+            "import sys, torch, transformers\n"
+            "from tests.tiny_processor import save_tiny_processor\n"
+            "torch.manual_seed(0)\n"
+            "transformers.GitForCausalLM(transformers.GitConfig()).save_pretrained(sys.argv[1])\n"
+            "save_tiny_processor(sys.argv[1], image_size=224)\n"
+        ), folder], check=True, cwd=REPO, capture_output=True)
+        return folder, "random weights of git-base's shape"
     if path:
         return path, path
     from pipeline.captioner import resolve_model
@@ -74,7 +88,8 @@ def caption_job(inputs: str, output: str, model: str, args) -> CaptionJob:
         "model": {"path": model},
         "output": {"path": output},
         "generation": {"max_new_tokens": args.max_new_tokens},
-        "compute": {"batch_size": args.batch_size, "cpus_per_worker": args.cpus_per_worker},
+        "compute": {"batch_size": args.batch_size, "cpus_per_worker": args.cpus_per_worker,
+                    "gpus_per_worker": args.gpus_per_worker},
     })
 
 
@@ -215,7 +230,9 @@ def _end_session(session: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--model", default=None,
+                        help="model folder, or git-base for random weights of its shape (default: the bundled model)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0, help="1 to caption on GPUs")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=32)
