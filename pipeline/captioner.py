@@ -7,7 +7,8 @@ text. Sampling is reproducible across batches, actors and resumed runs: each ima
 from a seed derived from (generation.seed, key), never from its position in a batch.
 
 A batch the model cannot run (out of memory, say) is split in halves and retried; an image that
-fails alone becomes an error row (`caption_failed`), and the job goes on. But when every image of
+fails alone becomes an error row (`caption_failed`), and the job goes on. After running out of
+memory the actor captions later batches in pieces of the size that fitted. But when every image of
 a batch fails, alone as well as together, the model or the device is broken, not the images (they
 are decoded crops of the right size by now): the actor raises `CaptioningError` and the run stops,
 keeping what it committed, instead of writing an error row for every image of the collection.
@@ -75,6 +76,9 @@ class Captioner:
         self.crop_shape = (*self.processor.image_processor.output_size, 3)
         self.metrics = CaptionMetrics(config.model_id or model_path)
         self.tokens_generated = 0  # by `caption`, since the last batch
+        # After running out of memory, the most images this device has been seen to caption at once:
+        # later batches go in pieces of that size instead of failing first every time.
+        self.images_that_fit: int | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         todo = pc.and_(pc.is_valid(batch["pixels"]), pc.is_null(batch["error"])).to_numpy(zero_copy_only=False)
@@ -87,7 +91,9 @@ class Captioner:
         if len(rows):
             keys = batch["key"].take(pa.array(rows)).to_pylist()
             crops = stacked_crops(batch["pixels"], rows, self.crop_shape)
-            results = self._caption_or_split(crops, keys)
+            piece = self.images_that_fit or len(rows)
+            results = [result for start in range(0, len(rows), piece)
+                       for result in self._caption_or_split(crops[start : start + piece], keys[start : start + piece])]
             if all(error for _, _, error in results):
                 raise CaptioningError(
                     f"the model failed on each of the {len(rows)} images of a batch, together and one by one "
@@ -114,6 +120,8 @@ class Captioner:
             if len(keys) == 1:
                 return [(None, None, f"caption_failed: {type(err).__name__}: {err}")]
             half = len(keys) // 2
+            if isinstance(err, torch.OutOfMemoryError):  # the larger half is the most that may fit
+                self.images_that_fit = min(len(keys) - half, self.images_that_fit or len(keys))
             return self._caption_or_split(crops[:half], keys[:half]) + self._caption_or_split(crops[half:], keys[half:])
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ import pickle
 
 import numpy as np
 import pyarrow as pa
+import torch
 import pytest
 
 from gitmodel.image_processing import GitImageProcessor
@@ -152,6 +153,27 @@ def test_a_batch_that_fails_is_split_until_the_bad_image_is_alone(tmp_path, capt
     out = {r["key"]: r for r in captioner(batch).to_pylist()}
     assert out["s/2"]["error"] == "caption_failed: RuntimeError: CUDA out of memory"
     assert all(out[f"s/{i}"]["caption"] is not None for i in (0, 1, 3))
+
+
+def test_after_running_out_of_memory_batches_go_in_pieces_that_fit(tmp_path, tiny_model, monkeypatch):
+    fresh = Captioner(CaptionerConfig(model_path=tiny_model, generate_kwargs={"max_new_tokens": 3}))
+    batch = captioner_input(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(7)])
+    real, sizes = Captioner.caption, []
+
+    def small_device(self, crops, keys):
+        sizes.append(len(keys))
+        if len(keys) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, crops, keys)
+
+    monkeypatch.setattr(Captioner, "caption", small_device)
+    first = fresh(batch)
+    assert sizes == [7, 3, 1, 2, 4, 2, 2] and fresh.images_that_fit == 2
+    assert first["caption"].null_count == 1  # the end marker: every image was captioned
+    sizes.clear()
+    again = fresh(batch)
+    assert sizes == [2, 2, 2, 1]  # no more failed attempts
+    assert again["caption"].to_pylist() == first["caption"].to_pylist()
 
 
 def test_a_model_that_fails_on_every_image_stops_the_run(tmp_path, captioner, monkeypatch):
