@@ -12,10 +12,15 @@ class QKVAttention(nn.Module):
 
     `fuse_projections()` (done by `prepare_for_inference`) concatenates the three weights once, so
     inference runs one larger GEMM instead of three; the checkpoint's parameters stay as they are.
+    The fused copies are buffers outside the state dict: `.to()` moves and casts them with the rest.
     """
 
     num_heads: int
-    fused: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
 
     def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         raise NotImplementedError
@@ -23,13 +28,13 @@ class QKVAttention(nn.Module):
     def fuse_projections(self, input_major: bool = False) -> None:
         layers = self.projections()
         weight = torch.cat([layer.weight for layer in layers]).detach()
-        bias = torch.cat([layer.bias for layer in layers]).detach()
-        self.fused = (input_major_layout(weight) if input_major else weight, bias)
+        self.fused_weight = input_major_layout(weight) if input_major else weight
+        self.fused_bias = torch.cat([layer.bias for layer in layers]).detach()
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, heads, length, head_dim)."""
-        if self.fused is not None:
-            q, k, v = F.linear(x, *self.fused).chunk(3, dim=-1)
+        if self.fused_weight is not None:
+            q, k, v = F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
         else:
             q, k, v = (layer(x) for layer in self.projections())
         return self.heads(q), self.heads(k), self.heads(v)

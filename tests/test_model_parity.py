@@ -218,6 +218,8 @@ def test_model_prepared_for_inference_still_matches(pair, tmp_path):
     ids, mask = left_padded_prompts()
     expected = reference.generate(pixel_values=images(4, seed=31), input_ids=ids, attention_mask=mask, max_new_tokens=6)
     assert torch.equal(prepared.generate(images(4, seed=31), ids, mask, max_new_tokens=6), expected)
+    assert torch.equal(prepared.to(torch.float64).to(torch.float32).generate(pixels, max_new_tokens=8),
+                       reference.generate(pixel_values=pixels, max_new_tokens=8))  # fused copies move along
     prepared.save_pretrained(tmp_path / "out")
     assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(tmp_path / "in" / "model.safetensors").keys()
     for name, saved in load_file(tmp_path / "out" / "model.safetensors").items():
