@@ -278,10 +278,13 @@ class GitForCausalLM(PretrainedModel):
 
         return generate(self, pixel_values, input_ids, attention_mask, **kwargs)
 
-    def prepare_for_inference(self, cuda_graphs: bool = True, compile: bool = False) -> GitForCausalLM:
+    def prepare_for_inference(
+        self, cuda_graphs: bool = True, compile: bool = False, graph_shapes: int = 2
+    ) -> GitForCausalLM:
         """Speed-ups for batch inference: one matmul for q/k/v, CUDA graphs for the decode steps (on a
-        GPU, captured per batch shape), on a CPU weights laid out for its small-batch GEMMs, and,
-        optionally, `torch.compile` (a minute to start, faster after)."""
+        GPU, captured per batch shape and kept for the last `graph_shapes` shapes, each with its own
+        KV cache), on a CPU weights laid out for its small-batch GEMMs, and, optionally,
+        `torch.compile` (a minute to start, faster after)."""
         from gitmodel.cuda_graphs import DecodeGraphs
 
         self.eval()
@@ -291,7 +294,7 @@ class GitForCausalLM(PretrainedModel):
                 module.fuse_projections(input_major=on_cpu)
             if on_cpu and isinstance(module, nn.Linear):
                 module.weight.data = input_major_layout(module.weight.data)
-        self.decode_graphs = DecodeGraphs() if cuda_graphs else None
+        self.decode_graphs = DecodeGraphs(graph_shapes) if cuda_graphs else None
         if compile:
             # Compiled in place, so parameter names stay the checkpoint's. In the decoder, only the parts
             # whose shapes do not change from step to step (all but attention) are compiled: they fuse

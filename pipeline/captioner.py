@@ -41,6 +41,14 @@ class CaptionerConfig:
     prompt: str | None = None
     seed: int = 0
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    images_per_batch: int = 32  # the most images a call brings (compute.images_per_batch)
+
+
+# On a GPU each new batch size costs a CUDA graph capture of every decode step (and, compiled, a
+# recompile), and batches come in many sizes: Ray Data cuts a partial batch at the end of each bundle
+# of blocks. So a GPU captions batches padded up to a multiple of this many images: a job sees at
+# most images_per_batch / GPU_PAD_MULTIPLE sizes, and their graphs are all kept.
+GPU_PAD_MULTIPLE = 64
 
 
 class CaptioningError(RuntimeError):
@@ -65,9 +73,11 @@ class Captioner:
         model_path, _ = resolve_model(config.model_path)
         dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        self.pad_to_multiple = GPU_PAD_MULTIPLE if self.device.type == "cuda" else None
+        sizes = -(-config.images_per_batch // GPU_PAD_MULTIPLE) + 1  # the multiples, and a last odd size
         self.model = GitForCausalLM.from_pretrained(
             model_path, dtype=dtype, device=self.device, storage_options=config.storage_options
-        ).prepare_for_inference(cuda_graphs=self.device.type == "cuda", compile=config.compile)
+        ).prepare_for_inference(cuda_graphs=self.device.type == "cuda", compile=config.compile, graph_shapes=sizes)
         self.processor = GitProcessor.from_pretrained(model_path, storage_options=config.storage_options)
         self.dtype = dtype
         self.prompt, self.seed = config.prompt, config.seed
@@ -127,6 +137,11 @@ class Captioner:
     @torch.inference_mode()
     def caption(self, crops: np.ndarray, keys: list[str]) -> tuple[list[list[str]], list[list[float]]]:
         """Captions for uint8 crops (B, H, W, 3): per image, `num_return_sequences` texts best first."""
+        n = len(keys)
+        padded = self._padded_size(n)
+        if padded > n:  # copies of the last image, whose captions are dropped below
+            crops = np.concatenate([crops, np.repeat(crops[-1:], padded - n, axis=0)])
+            keys = keys + keys[-1:] * (padded - n)
         pixel_values = self.processor.image_processor.normalize(crops, device=self.device, dtype=self.dtype)
         input_ids, attention_mask = self.processor.prompt_inputs(self.prompt, len(keys))
         seeds = torch.tensor([image_seed(self.seed, key) for key in keys], dtype=torch.long)
@@ -134,16 +149,24 @@ class Captioner:
             pixel_values, input_ids.to(self.device), attention_mask.to(self.device),
             seed=seeds.to(self.device), return_dict=True, **self.generate_kwargs,
         )
-        new_tokens = out.sequences[:, input_ids.shape[1]:]
+        sequences = out.sequences[: n * self.num_return_sequences]
+        new_tokens = sequences[:, input_ids.shape[1]:]
         self.tokens_generated += int((new_tokens != self.processor.tokenizer.pad_token_id).sum())
-        texts = [t.strip() for t in self.processor.answers(out.sequences.cpu(), input_ids)]
-        values = out.scores.float().cpu().numpy().reshape(len(keys), self.num_return_sequences)
+        texts = [t.strip() for t in self.processor.answers(sequences.cpu(), input_ids)]
+        values = out.scores[: len(sequences)].float().cpu().numpy().reshape(n, self.num_return_sequences)
         order = np.argsort(-values, axis=1, kind="stable")  # sampling returns draws unordered
-        texts_by_image = np.array(texts, dtype=object).reshape(len(keys), self.num_return_sequences)
+        texts_by_image = np.array(texts, dtype=object).reshape(n, self.num_return_sequences)
         return (
-            [list(texts_by_image[i, order[i]]) for i in range(len(keys))],
-            [[float(v) for v in values[i, order[i]]] for i in range(len(keys))],
+            [list(texts_by_image[i, order[i]]) for i in range(n)],
+            [[float(v) for v in values[i, order[i]]] for i in range(n)],
         )
+
+    def _padded_size(self, n: int) -> int:
+        """`n` rounded up to the padding multiple, never past what fitted in memory (`n` at least)."""
+        if not self.pad_to_multiple:
+            return n
+        padded = -(-n // self.pad_to_multiple) * self.pad_to_multiple
+        return max(n, min(padded, self.images_that_fit or padded))
 
     def _output(self, batch: pa.Table, captions: list, scores: list, errors: list) -> pa.Table:
         table = batch.drop_columns(["pixels", "error"]).append_column("error", pa.array(errors, pa.string()))

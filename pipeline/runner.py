@@ -303,6 +303,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
         prompt=job.generation.prompt,
         seed=job.generation.seed,
         threads=None if compute.gpus_per_worker else math.ceil(compute.cpus_per_worker),
+        images_per_batch=compute.images_per_batch,
     )
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.execution_options.resource_limits

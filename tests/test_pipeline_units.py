@@ -176,6 +176,24 @@ def test_after_running_out_of_memory_batches_go_in_pieces_that_fit(tmp_path, tin
     assert again["caption"].to_pylist() == first["caption"].to_pylist()
 
 
+@pytest.mark.parametrize("generation", [{}, {"do_sample": True, "num_return_sequences": 2}])
+def test_batches_padded_to_a_fixed_size_give_the_same_captions(tmp_path, tiny_model, generation):
+    """On a GPU a batch is padded up to a multiple of GPU_PAD_MULTIPLE images (one CUDA graph per size);
+    the padding's captions are dropped and the real images' are what they would have been."""
+    config = CaptionerConfig(model_path=tiny_model, generate_kwargs={"max_new_tokens": 6, **generation})
+    plain, padding = Captioner(config), Captioner(config)
+    padding.pad_to_multiple = 4
+    crops = np.random.default_rng(0).integers(0, 256, (5, *plain.crop_shape), dtype=np.uint8)
+    keys = [f"k{i}" for i in range(5)]
+    for n in (1, 3, 4, 5):
+        (texts, scores), (expected_texts, expected_scores) = (c.caption(crops[:n], keys[:n]) for c in (padding, plain))
+        assert texts == expected_texts  # scores agree to float rounding: other batch sizes, other kernels
+        assert np.allclose(np.array(scores), np.array(expected_scores), rtol=1e-5, atol=0)
+    assert [padding._padded_size(n) for n in (1, 4, 5)] == [4, 4, 8]
+    padding.images_that_fit = 6  # after running out of memory: never pad past what fitted
+    assert [padding._padded_size(n) for n in (5, 6)] == [6, 6]
+
+
 def test_a_model_that_fails_on_every_image_stops_the_run(tmp_path, captioner, monkeypatch):
     batch = captioner_input(tmp_path, [(f"{i}.jpg", scene_jpeg(i)) for i in range(3)] + [("bad.jpg", b"")])
 
