@@ -52,13 +52,13 @@ def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
     max_new_tokens tokens)."""
     if path == "git-base":
         folder = os.path.join(work, "git-base-shape")
-        subprocess.run([sys.executable, "-c", (
+        _save_in_child(folder, (
             "import sys, torch, transformers\n"
             "from tests.tiny_processor import save_tiny_processor\n"
             "torch.manual_seed(0)\n"
             "transformers.GitForCausalLM(transformers.GitConfig()).save_pretrained(sys.argv[1])\n"
             "save_tiny_processor(sys.argv[1], image_size=224)\n"
-        ), folder], check=True, cwd=REPO, capture_output=True)
+        ))
         return folder, "random weights of git-base's shape"
     if path:
         return path, path
@@ -68,9 +68,7 @@ def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
         return resolve_model(None)[0], "bundled"
     except FileNotFoundError:
         folder = os.path.join(work, "stand-in")
-        # In a child process: importing transformers (which writes the processor files) slows
-        # gitmodel's CPU generation in the same process several times over.
-        subprocess.run([sys.executable, "-c", (
+        _save_in_child(folder, (
             "import sys, torch\n"
             "from gitmodel import GitForCausalLM\nfrom jobs.finetune import BundledRecipe\n"
             "from tests.tiny_processor import save_tiny_processor\n"
@@ -78,8 +76,15 @@ def model_path_or_stand_in(path: str | None, work: str) -> tuple[str, str]:
             "config.vocab_size = recipe.vocab_size\n"  # as trained: its own small WordPiece vocabulary
             "GitForCausalLM(config).save_pretrained(sys.argv[1])\n"
             "save_tiny_processor(sys.argv[1], image_size=recipe.image_size)\n"
-        ), folder], check=True, cwd=REPO, capture_output=True)
+        ))
         return folder, "untrained stand-in of the bundled model's shape (bundled model not built yet)"
+
+
+def _save_in_child(folder: str, script: str) -> None:
+    """Run `script`, which saves a model folder at sys.argv[1], in a child process: importing
+    transformers (which writes the processor files) slows gitmodel's CPU generation in the same
+    process several times over."""
+    subprocess.run([sys.executable, "-c", script, folder], check=True, cwd=REPO, capture_output=True)
 
 
 def caption_job(inputs: str, output: str, model: str, args) -> CaptionJob:
