@@ -90,14 +90,15 @@ def add_run_parser(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import json
 
-    from jobs.console import ProgressLine, RunStopped, format_summary, ray_session, stop_on_sigterm
+    from jobs.console import ProgressLine, RunStopped, format_summary, ray_session, resolve_job_compute, stop_on_sigterm
     from jobs.spec import load_spec, preflight
     from pipeline.runner import run_caption_job
 
     job = load_spec(args.spec, args.overrides)
     preflight(job)  # before any cluster starts or model loads
     progress = ProgressLine(enabled=not args.no_progress)
-    with ray_session(args.address, args.num_cpus), stop_on_sigterm():
+    with ray_session(args.address, args.num_cpus) as capacity, stop_on_sigterm():
+        job = resolve_job_compute(job, capacity)
         try:
             summary = run_caption_job(job, retry_failed=args.retry_failed, progress_callback=progress)
         except RunStopped as stop:
@@ -281,13 +282,13 @@ def add_demo_parser(subparsers) -> None:
     parser.add_argument("--out", default="gitcap-demo", help="working folder (default: ./gitcap-demo)")
     parser.add_argument("--model", default=None, help="model folder or URL (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="captioning workers (default: one per GPU, else 1)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.set_defaults(run=demo_command)
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from jobs.console import ProgressLine, ray_session
+    from jobs.console import ProgressLine, ray_session, resolve_job_compute
     from jobs.demo import demo_job, demo_result, format_demo
     from jobs.spec import preflight
     from pipeline.job import JobConfigError
@@ -306,7 +307,8 @@ def demo_command(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     print(f"captioning {args.count} synthetic scenes from {args.out}/scenes into {args.out}/captions")
     progress = ProgressLine()
-    with ray_session(num_cpus=args.num_cpus):
+    with ray_session(num_cpus=args.num_cpus) as capacity:
+        job = resolve_job_compute(job, capacity)
         try:
             summary = run_caption_job(job, progress_callback=progress)
         finally:

@@ -9,14 +9,17 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from pipeline.cluster import ClusterCapacity, cluster_capacity, describe_compute, resolve_compute
+from pipeline.job import CaptionJob
 from pipeline.progress import describe_failures
 from pipeline.runner import ProgressUpdate, RunSummary
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[ClusterCapacity]:
     """Connect to the cluster at `address` (or `RAY_ADDRESS`, which Ray sets for a job's driver on a
-    cluster), or start a private local Ray for this process only."""
+    cluster), or start a private local Ray for this process only; yield what the cluster has."""
     import ray
     import ray.data
 
@@ -43,9 +46,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     context.enable_progress_bars = False  # ours is one line; Ray's are one per operator
     context.print_on_execution_start = False
     try:
-        yield
+        yield cluster_capacity(fixed=not address)  # no node joins a private Ray
     finally:
         ray.shutdown()
+
+
+def resolve_job_compute(job: CaptionJob, capacity: ClusterCapacity) -> CaptionJob:
+    """`job` with its "auto" compute decided for this cluster, said on stderr (stdout may be JSON)."""
+    job = replace(job, compute=resolve_compute(job.compute, capacity))
+    print(describe_compute(job.compute, capacity), file=sys.stderr)
+    return job
 
 
 def _job_ships_py_modules() -> bool:

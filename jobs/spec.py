@@ -7,7 +7,8 @@
     output:     {path, storage_options, include_image: false, webdataset: false,
                  quality: {min_words: 3, max_words: 40, min_score: null},
                  filter: null (or {drop_flags: [...]}, which makes the filtered view)}
-    compute:    {batch_size: null (256 on GPU workers, else 32), workers: 1, gpus_per_worker: 0,
+    compute:    {batch_size: null (256 on GPU workers, else 32), workers: null, gpus_per_worker: null
+                 (null: auto, one worker per GPU where the cluster has GPUs, else one CPU worker),
                  cpus_per_worker: 1, preprocess_workers, shards_per_wave}
 
 Override values are YAML, so `--set generation.num_beams=3` is an integer and

@@ -160,8 +160,10 @@ CPU_BATCH_SIZE = 32
 @dataclass
 class ComputeConfig:
     batch_size: int | None = None  # images per model call; None: see images_per_batch
-    workers: int = 1  # captioning actors, each holding one model
-    gpus_per_worker: float = 0
+    # None: auto (pipeline.cluster), decided on the driver against the cluster the job runs on:
+    # one GPU per worker and one worker per GPU where the cluster has GPUs, else one CPU worker.
+    workers: int | None = None  # captioning actors, each holding one model
+    gpus_per_worker: float | None = None
     cpus_per_worker: float = 1
     preprocess_workers: int | None = None  # CPU decode/resize tasks in flight; None lets Ray decide
     shards_per_wave: int | None = None  # commit granularity; None: a few waves per worker
@@ -169,8 +171,9 @@ class ComputeConfig:
     def validate(self, name: str) -> None:
         if self.batch_size is not None:
             _positive(f"{name}.batch_size", self.batch_size)
-        _positive(f"{name}.workers", self.workers)
-        if self.gpus_per_worker < 0:
+        if self.workers is not None:
+            _positive(f"{name}.workers", self.workers)
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise JobConfigError(f"{name}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.cpus_per_worker <= 0:
             raise JobConfigError(f"{name}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
@@ -185,6 +188,8 @@ class ComputeConfig:
         second at batch 256 than at 64 (README, Performance); a CPU gains little past a few dozen."""
         if self.batch_size is not None:
             return self.batch_size
+        if self.gpus_per_worker is None:
+            raise ValueError("the batch size depends on the device: resolve compute first (pipeline.cluster)")
         return GPU_BATCH_SIZE if self.gpus_per_worker else CPU_BATCH_SIZE
 
 

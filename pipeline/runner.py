@@ -48,7 +48,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -56,16 +56,16 @@ import pyarrow.compute as pc
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
+from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
 from pipeline.progress import HEARTBEAT_S, SUCCESS_FILE, JobProgress, new_run_record
 from pipeline.sink import output_table, file_summary
 from pipeline.sources import Shard, list_shards
-from pipeline.stages import PreprocessConfig, ShardTask, read_and_preprocess
+from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
 from pipeline.views import finish_dataset, publish_views
 
 COMMIT_INTERVAL_S = 60.0
-PREPROCESS_CPUS = 0.5  # Ray CPUs reserved by each read+decode task
 READ_AHEAD_BATCHES = 32  # decoded batches in the object store per captioning actor, at most about
 OBJECT_STORE_FLOOR = 256 << 20  # a wave is committed at least this often, full or not
 STORAGE_FAILURE_STREAK = 16  # shards in a row whose storage failed (each after retries): storage is down
@@ -105,6 +105,7 @@ class RunSummary:
     # Busy seconds per stage this run, summed over workers: reading shards from storage, decoding
     # and cropping images (CPU tasks), captioning (actors). Divide images by one for a stage's speed.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)  # the settings this run had, "auto" resolved
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -127,8 +128,11 @@ def run_caption_job(
     progress_callback: Callable[[ProgressUpdate], None] | None = None,
     commit_interval_s: float = COMMIT_INTERVAL_S,
 ) -> RunSummary:
-    """Run or resume `job` on the Ray cluster this process is connected to (`ray.init` first)."""
+    """Run or resume `job` on the Ray cluster this process is connected to (`ray.init` first).
+    Its "auto" compute settings are resolved against that cluster (`pipeline.cluster`) unless the
+    caller has done so."""
     started = time.time()
+    job = replace(job, compute=resolve_compute(job.compute, cluster_capacity()))
     model_path, model_id = resolve_model(job.model.path)
     progress = JobProgress(Folder(job.output.path, job.output.storage_options))
     inp = job.input
@@ -256,6 +260,7 @@ class _Run:
             retried=self.retry_failed,
             fingerprint=job.fingerprint(),
             stage_seconds={stage: round(seconds, 3) for stage, seconds in self.stage_seconds.items()},
+            compute={**asdict(job.compute), "batch_size": job.compute.images_per_batch},
         )
         for uri, error in self.storage_failed.items():
             summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})

@@ -28,6 +28,8 @@ from gitmodel.image_processing import GitImageProcessor
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.sources import KEY_COLUMNS, Record, Shard, ShardError, read_shard
 
+PREPROCESS_CPUS = 0.5  # Ray CPUs each read+decode task reserves: a shard is part decoding, part waiting on storage
+
 # Columns of the rows that flow from this stage to the captioner.
 ROW_SCHEMA = pa.schema(
     [

@@ -42,12 +42,16 @@ def test_minimal_spec_gets_the_documented_defaults(tmp_path):
     assert (job.input.format, job.model.path) == ("webdataset", None)
     g, c = job.generation, job.compute
     assert (g.max_new_tokens, g.num_beams, g.do_sample, g.num_return_sequences, g.prompt) == (20, 1, False, 1, None)
-    assert (c.batch_size, c.images_per_batch, c.workers, c.gpus_per_worker) == (None, 32, 1, 0)
+    assert (c.batch_size, c.workers, c.gpus_per_worker) == (None, None, None)  # auto: pipeline.cluster
+    with pytest.raises(ValueError, match="resolve compute first"):
+        c.images_per_batch  # noqa: B018  (the device decides it)
 
 
 def test_batch_size_defaults_to_the_workers_device_unless_set(tmp_path):
     gpu = load_spec(write_spec(tmp_path, minimal(tmp_path)), ["compute.gpus_per_worker=1"]).compute
     assert (gpu.batch_size, gpu.images_per_batch) == (None, 256)
+    cpu = load_spec(write_spec(tmp_path, minimal(tmp_path)), ["compute.gpus_per_worker=0"]).compute
+    assert cpu.images_per_batch == 32
     chosen = load_spec(write_spec(tmp_path, minimal(tmp_path)), ["compute.gpus_per_worker=1", "compute.batch_size=64"])
     assert chosen.compute.images_per_batch == 64
 
