@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class GenerationConfig:
         _positive(f"{name}.max_new_tokens", self.max_new_tokens)
         _positive(f"{name}.num_beams", self.num_beams)
         _positive(f"{name}.num_return_sequences", self.num_return_sequences)
+        for number in ("temperature", "length_penalty"):
+            _finite(f"{name}.{number}", getattr(self, number))
         if self.temperature <= 0:
             raise JobConfigError(f"{name}.temperature", f"must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -87,6 +90,19 @@ class GenerationConfig:
             raise JobConfigError(
                 f"{name}.num_return_sequences", "greedy decoding gives one caption: set do_sample or num_beams"
             )
+
+    def decisive_settings(self) -> dict[str, Any]:
+        """The settings that change which captions come out: sampling's only when sampling, the
+        length penalty only with beams."""
+        settings: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample,
+            "num_return_sequences": self.num_return_sequences, "prompt": self.prompt,
+        }
+        if self.num_beams > 1:
+            settings["length_penalty"] = self.length_penalty
+        if self.do_sample:
+            settings.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        return settings
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `GitForCausalLM.generate` (the prompt and seeds are per batch)."""
@@ -112,6 +128,10 @@ class QualityConfig:
 
     def validate(self, name: str) -> None:
         _positive(f"{name}.min_words", self.min_words)
+        if self.min_score is not None:
+            _finite(f"{name}.min_score", self.min_score)
+            if self.min_score > 0:  # a mean log-probability is never above 0: every row would be flagged
+                raise JobConfigError(f"{name}.min_score", f"is a mean token log-probability, at most 0; got {self.min_score}")
         if self.max_words < self.min_words:
             raise JobConfigError(
                 f"{name}.max_words", f"must be at least min_words ({self.min_words}), got {self.max_words}"
@@ -173,6 +193,9 @@ class ComputeConfig:
             _positive(f"{name}.batch_size", self.batch_size)
         if self.workers is not None:
             _positive(f"{name}.workers", self.workers)
+        if self.gpus_per_worker is not None:
+            _finite(f"{name}.gpus_per_worker", self.gpus_per_worker)
+        _finite(f"{name}.cpus_per_worker", self.cpus_per_worker)
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise JobConfigError(f"{name}.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.cpus_per_worker <= 0:
@@ -215,13 +238,17 @@ class CaptionJob:
 
     def decisive_settings(self) -> dict[str, Any]:
         """What decides the output rows: input, model and generation settings, and the thresholds of
-        the quality flags. Not compute, not credentials, and not the views (output.filter,
-        output.webdataset): those are rebuilt from the rows whenever they change."""
+        the quality flags; only the settings that take effect (a greedy job's `temperature` does
+        not, so changing it does not refuse a rerun). Not compute, not credentials, and not the
+        views (output.filter, output.webdataset): those are rebuilt from the rows whenever they
+        change. `model.dtype` counts as written: "auto" resumed on other hardware stays "auto"."""
+        inp = {"path": self.input.path, "format": self.input.format, "image_column": self.input.image_column}
+        if self.input.format == "images":  # how image files are grouped into shards
+            inp["images_per_shard"] = self.input.images_per_shard
         return {
-            "input": {"path": self.input.path, "format": self.input.format, "image_column": self.input.image_column,
-                      "images_per_shard": self.input.images_per_shard},
-            "model": {"path": self.model.path},
-            "generation": dataclasses.asdict(self.generation),
+            "input": inp,
+            "model": {"path": self.model.path, "dtype": self.model.dtype},
+            "generation": self.generation.decisive_settings(),
             "output": {"include_image": self.output.include_image, "quality": dataclasses.asdict(self.output.quality)},
         }
 
@@ -235,7 +262,7 @@ def _build(cls: type, values: Any, prefix: str):
         raise JobConfigError(prefix.rstrip(".") or "job", f"expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted((str(key) for key in set(values) - set(fields)))  # YAML keys may be numbers
     if unknown:
         raise JobConfigError(
             f"{prefix}{unknown[0]}", f"unknown key (known keys here: {', '.join(sorted(fields))})"
@@ -292,6 +319,11 @@ def _type_name(option: Any) -> str:
     if origin is dict:
         return "a mapping"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(option, str(option))
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise JobConfigError(name, f"must be a finite number, got {value}")
 
 
 def _positive(name: str, value: int) -> None:
