@@ -79,7 +79,9 @@ def add_run_parser(subparsers) -> None:
     parser.add_argument("spec", metavar="JOB.yaml", help="the job spec")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec value (YAML), e.g. --set generation.num_beams=3; repeatable")
-    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS if set, else a local Ray for this run)")
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster, HEAD:6379 or ray://HEAD:10001 (default: $RAY_ADDRESS unless it "
+                        "is a dashboard URL, else a local Ray for this run)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--retry-failed", action="store_true", help="caption again only the rows that failed")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -90,14 +92,16 @@ def add_run_parser(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import json
 
-    from jobs.console import ProgressLine, RunStopped, format_summary, ray_session, resolve_job_compute, stop_on_sigterm
+    from jobs.console import (ProgressLine, RunStopped, format_summary, ray_session, resolve_job_compute, run_address,
+                              stop_on_sigterm)
     from jobs.spec import load_spec, preflight
     from pipeline.runner import run_caption_job
 
     job = load_spec(args.spec, args.overrides)
+    address = run_address(args.address)
     preflight(job)  # before any cluster starts or model loads
     progress = ProgressLine(enabled=not args.no_progress)
-    with ray_session(args.address, args.num_cpus) as capacity, stop_on_sigterm():
+    with ray_session(address, args.num_cpus) as capacity, stop_on_sigterm():
         job = resolve_job_compute(job, capacity)
         try:
             summary = run_caption_job(job, retry_failed=args.retry_failed, progress_callback=progress)
@@ -307,7 +311,7 @@ def demo_command(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     print(f"captioning {args.count} synthetic scenes from {args.out}/scenes into {args.out}/captions")
     progress = ProgressLine()
-    with ray_session(num_cpus=args.num_cpus) as capacity:
+    with ray_session(num_cpus=args.num_cpus) as capacity:  # always private, whatever $RAY_ADDRESS names
         job = resolve_job_compute(job, capacity)
         try:
             summary = run_caption_job(job, progress_callback=progress)

@@ -16,15 +16,46 @@ from pipeline.progress import describe_failures
 from pipeline.runner import ProgressUpdate, RunSummary
 
 
+def run_address(address: str | None) -> str | None:
+    """The Ray cluster `gitcap run` joins: `address` (--address), else `$RAY_ADDRESS`, else None:
+    a private local Ray.
+
+    `$RAY_ADDRESS` serves two Ray tools: `ray job` (and `gitcap submit`, `logs`, `stop`) read it as the
+    dashboard, http://HEAD:8265, and `ray.init` as the cluster itself, HEAD:6379 or ray://HEAD:10001.
+    Ray sets the second kind for a job's driver, which joins its cluster through it. A dashboard URL
+    there was set for the first kind of command, as gitcap's README says to; `ray.init` cannot join
+    through it (Ray refuses it: "Invalid Ray address"), and `gitcap run` with no cluster named runs
+    on a private Ray, so that is what it does, saying so: a user who meant the cluster learns it at
+    once. A dashboard URL given as --address names the cluster on purpose: refused, pointing to
+    `gitcap submit`."""
+    if address:
+        if _is_dashboard_url(address):
+            raise ValueError(
+                f"--address {address} is a dashboard (the Jobs API): `gitcap run` joins a cluster by its own "
+                "address, HEAD:6379 or ray://HEAD:10001; to run the job on that cluster from here, "
+                f"`gitcap submit JOB.yaml --address {address}`"
+            )
+        return address
+    from_environment = os.environ.get("RAY_ADDRESS") or None
+    if from_environment and _is_dashboard_url(from_environment):
+        print(f"gitcap run: $RAY_ADDRESS ({from_environment}) is a dashboard, for `gitcap submit`: running on a "
+              "local Ray (--address HEAD:6379 joins a cluster)", file=sys.stderr)
+        return None
+    return from_environment
+
+
+def _is_dashboard_url(address: str) -> bool:
+    return address.lower().startswith(("http://", "https://"))
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[ClusterCapacity]:
-    """Connect to the cluster at `address` (or `RAY_ADDRESS`, which Ray sets for a job's driver on a
-    cluster), or start a private local Ray for this process only; yield what the cluster has."""
+    """Connect to the cluster at `address` (see `run_address`), or with none start a private local
+    Ray for this process only; yield what the cluster has."""
     import ray
     import ray.data
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         import gitmodel
         import pipeline

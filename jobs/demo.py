@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 DEMO_SEED = 20240607
 
@@ -32,6 +33,7 @@ def demo_job(out: str, count: int, model_path: str | None, batch_size: int, work
     from pipeline.scenes import write_scenes
 
     shard_size = max(1, min(256, count // 8 or 1))
+    _remove_demo_shards(Path(out, "scenes"))
     write_scenes(f"{out}/scenes", count, DEMO_SEED, format="webdataset", shard_size=shard_size)
     shutil.rmtree(f"{out}/captions", ignore_errors=True)  # the demo measures a fresh run each time
     return CaptionJob.from_dict({
@@ -40,6 +42,14 @@ def demo_job(out: str, count: int, model_path: str | None, batch_size: int, work
         "output": {"path": f"{out}/captions"},
         "compute": {"batch_size": batch_size, "workers": workers},
     })
+
+
+def _remove_demo_shards(folder: Path) -> None:
+    """The shards an earlier demo wrote (`write_scenes` names them 00000.tar, ...): a smaller
+    --count writes fewer, and the input is the whole folder, so the old ones would be captioned too.
+    Nothing else in the folder is touched."""
+    for shard in folder.glob("[0-9][0-9][0-9][0-9][0-9].tar"):
+        shard.unlink()
 
 
 def demo_result(summary, output: str, show: int = 8) -> DemoResult:

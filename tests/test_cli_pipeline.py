@@ -112,3 +112,37 @@ def test_demo_with_the_bundled_model_or_a_clear_message(tmp_path, capsys):
         return
     assert main(["demo", "--count", "16", "--out", str(tmp_path / "demo"), "--num-cpus", "2"]) == 0
     assert "exact match: " in capsys.readouterr().out
+
+
+def test_a_smaller_demo_after_a_larger_one_captions_only_its_own_scenes(tmp_path):
+    import tarfile
+
+    from jobs.demo import demo_job
+
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenes" / "notes.txt").write_text("the user's own file")
+    demo_job(str(tmp_path), 64, None, 4, 1)  # 8 shards of 8
+    job = demo_job(str(tmp_path), 4, None, 4, 1)  # 4 shards of 1
+    images = 0
+    for shard in Path(job.input.path).glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            images += sum(name.endswith(".jpg") for name in tar.getnames())
+    assert images == 4
+    assert (tmp_path / "scenes" / "notes.txt").exists()  # only what the demo wrote goes
+
+
+def test_a_dashboard_url_in_RAY_ADDRESS_leaves_demo_and_run_on_a_private_ray(tmp_path, tiny_model, capsys, monkeypatch):
+    # What the README has users export for `gitcap submit`, `logs` and `stop`.
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    assert main(["demo", "--count", "4", "--out", str(tmp_path / "demo"), "--model", tiny_model,
+                 "--batch-size", "4", "--num-cpus", "2"]) == 0
+    assert "/4 = " in capsys.readouterr().out
+
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=2)
+    assert main(["run", spec(tmp_path, tiny_model), "--num-cpus", "2", "--no-progress"]) == 0
+    assert "$RAY_ADDRESS (http://127.0.0.1:9) is a dashboard, for `gitcap submit`: running on a local Ray" \
+        in capsys.readouterr().err
+
+    # Named on the command line, a dashboard is a mistake about what `run` joins.
+    assert main(["run", spec(tmp_path, tiny_model), "--address", "http://127.0.0.1:9"]) == 2
+    assert "`gitcap submit JOB.yaml --address http://127.0.0.1:9`" in capsys.readouterr().err
