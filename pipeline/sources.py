@@ -23,14 +23,16 @@ Contracts:
   It never raises for damaged data. Each sample that cannot be read becomes a `Record` with
   `data=None` and `error="reason_code: message"` (`missing_image`, `missing_file`, `read_failed`,
   `image_too_large`); damage to the shard itself (truncated tar, not a tar, unreadable Parquet,
-  shard file gone since listing) ends the stream with one record keyed
-  `"<shard stem>/__shard__"` whose error is `"shard_unreadable: ..."` (or `"shard_ungrouped: ..."`,
-  see `_TarSamples`). It raises `ShardError` only when the storage fails (network, permissions,
-  missing filesystem package): the shard is then not done and should be retried whole.
+  shard file gone since listing) ends the stream with one record marked `shard_failure`, keyed
+  `"<shard stem>/__shard__"`, whose error is `"shard_unreadable: ..."` (or `"shard_ungrouped: ..."`,
+  see `_TarSamples`). It raises `ShardError` only when the storage fails (network, throttling,
+  the service's own errors, permissions, missing filesystem package): the shard is then not done
+  and should be retried whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -48,7 +50,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage import storage_error_cause
+from pipeline.storage import error_chain, storage_error_cause
 
 FORMATS = ("webdataset", "parquet", "images")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -91,13 +93,16 @@ class Shard:
 
 @dataclass
 class Record:
-    """One sample. `data` is None exactly when `error` ("reason_code: message") is set."""
+    """One sample. `data` is None exactly when `error` ("reason_code: message") is set.
+    `shard_failure` marks the record that reports damage to the shard itself (its key ends in
+    `/__shard__`, but so may a sample's)."""
 
     key: str
     source: str
     data: bytes | None
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    shard_failure: bool = False
 
 
 # --- listing ------------------------------------------------------------------------------------
@@ -563,7 +568,7 @@ class _TarSamples:
         else:
             return
         counts = {"samples": len(self.emitted), "late_members": len(self.late)}
-        yield self._record("__shard__", None, counts, error)
+        yield Record(f"{self.stem}/__shard__", self.uri, None, counts, error, shard_failure=True)
 
     def _close_current(self) -> Iterator[Record]:
         sample, self.current = self.current, None
@@ -603,11 +608,13 @@ def _read_parquet(uri: str, options: dict, image_column: str | None) -> Iterator
                     data, error = _image_cell(cell, folder, options)
                     yield Record(key, uri, data, metadata, error)
                     rows += 1
+    except ShardError:  # an image file a cell names failed in storage
+        raise
     except Exception as err:  # noqa: BLE001  (pyarrow and the storage raise many kinds)
         _raise_if_storage_failed(err, fs, uri)
         problem = f"{type(err).__name__}: {err}"
     if problem:
-        yield Record(f"{stem}/__shard__", uri, None, {"rows": rows}, f"shard_unreadable: {problem}")
+        yield Record(f"{stem}/__shard__", uri, None, {"rows": rows}, f"shard_unreadable: {problem}", shard_failure=True)
 
 
 def _image_column(schema: pa.Schema, wanted: str | None) -> str:
@@ -652,8 +659,14 @@ def _image_cell(cell: Any, folder: str, options: dict) -> tuple[bytes | None, st
     url = path if "://" in path or path.startswith("/") else _join(folder, path)
     try:
         fs, file_path = url_to_fs(url, **options)
+    except ImportError as err:  # the scheme's package is not installed: no cell of it can be read
+        raise ShardError(f"{url}: no filesystem for this URL ({err})") from err
+    except Exception as err:  # noqa: BLE001  (a cell naming an unknown scheme is bad data)
+        return None, f"missing_file: image path {url} could not be read ({type(err).__name__}: {err})"
+    try:
         return fs.cat_file(file_path), None
     except Exception as err:  # noqa: BLE001
+        _raise_if_storage_failed(err, fs, url)
         return None, f"missing_file: image path {url} could not be read ({type(err).__name__}: {err})"
 
 
@@ -684,12 +697,26 @@ def _raise_if_storage_failed(err: Exception, fs: fsspec.AbstractFileSystem, uri:
     """Storage failures may pass on a retry; damaged bytes never will, so only the first raise."""
     if isinstance(fs, LocalFileSystem) or isinstance(err, FileNotFoundError):
         return
-    library = type(err).__module__.split(".")[0]
-    if isinstance(err, _STORAGE_ERRORS) or library in _STORAGE_LIBRARIES:
+    if any(_is_storage_error(e) for e in error_chain(err)):
         raise ShardError(f"{uri}: storage failed ({type(err).__name__}: {err})") from err
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    """Whether one error of a chain comes from the storage rather than from the bytes it served.
+    s3fs, once its own retries are spent, raises a plain OSError (EBUSY for SlowDown or 503,
+    EREMOTEIO for InternalError) from botocore's error: neither its type nor its module say
+    "storage", its errno and its cause do."""
+    if isinstance(err, _STORAGE_ERRORS) or type(err).__module__.split(".")[0] in _STORAGE_LIBRARIES:
+        return True
+    return isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS
 
 
 _STORAGE_ERRORS = (ConnectionError, TimeoutError, PermissionError)
 _STORAGE_LIBRARIES = frozenset(
-    {"botocore", "aiobotocore", "aiohttp", "requests", "urllib3", "google", "huggingface_hub"}
+    {"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure", "aiohttp", "requests", "urllib3",
+     "fsspec", "google", "huggingface_hub"}
+)
+# What a remote filesystem's OSError carries when the service, not the data, failed.
+_STORAGE_ERRNOS = frozenset(
+    {errno.EBUSY, errno.EREMOTEIO, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN}
 )

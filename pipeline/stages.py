@@ -96,11 +96,17 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
     storage_error = None
     started, decode_s, waited_s = time.perf_counter(), 0.0, 0.0
     for attempt in range(STORAGE_ATTEMPTS):
+        resumed_at, reached, failure = done, 0, None
         try:
             records = read_shard(task.shard, config.storage_options, config.image_column)
             for seq, record in enumerate(records):
-                if seq < done:
-                    continue
+                if record.shard_failure:
+                    # Never skipped: a retry can fail sooner than the attempt before it did.
+                    seq, failure = max(seq, done), record.error
+                else:
+                    reached = seq + 1
+                    if seq < done:
+                        continue
                 done = seq + 1
                 if record.key in task.skip_keys:
                     continue
@@ -113,7 +119,7 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
                     yield _table(rows)
                     waited_s += time.perf_counter() - handed_over  # downstream's time, not ours
                     rows = []
-            storage_error = None
+            storage_error = _cut_short(task.shard, reached, resumed_at, failure)
             break
         except ShardError as err:
             storage_error = str(err)
@@ -127,12 +133,22 @@ def preprocess_shard(task: ShardTask, config: PreprocessConfig) -> Iterator[pa.T
     yield _table(rows)
 
 
+def _cut_short(shard: Shard, reached: int, resumed_at: int, failure: str | None) -> str | None:
+    """Why a retry that ended before the records an earlier attempt had read cannot complete the
+    shard: the records after it were never read, so the shard must stay uncommitted (the next
+    run redoes it) rather than be committed short. None when the retry got that far."""
+    if reached >= resumed_at:
+        return None
+    why = f": {failure}" if failure else ""
+    return f"{shard.uri}: storage failed (a retry ended after {reached} of the {resumed_at} records read before{why})"
+
+
 def preprocess_record(
     record: Record, seq: int, shard: Shard, processor: GitImageProcessor, config: PreprocessConfig
 ) -> dict[str, Any]:
     """One record as a row: a uint8 crop and the original size, or the reason there is none."""
     row: dict[str, Any] = {"shard": shard.uri, "seq": seq, "key": record.key, "source": record.source}
-    if record.key.endswith("/__shard__"):
+    if record.shard_failure:
         # Damage to the shard itself: its counts belong in the message, not in metadata columns.
         counts = ", ".join(f"{k}={v}" for k, v in record.metadata.items())
         row["error"] = f"{record.error} ({counts})" if counts else record.error

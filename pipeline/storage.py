@@ -41,13 +41,20 @@ _CAUSES = [
 ]
 
 
+def error_chain(err: BaseException, limit: int = 8) -> list[BaseException]:
+    """`err` and the errors it was raised from or while handling: s3fs wraps botocore's error,
+    botocore wraps aiohttp's, and only the innermost says what really failed."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < limit and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
 def storage_error_cause(err: BaseException) -> str:
     """One line saying why storage failed: the cause (credentials, endpoint, permission, a missing
     bucket or path), what to check, and the library's own words."""
-    chain, seen = [], err
-    while seen is not None and len(chain) < 8:  # s3fs wraps botocore's error, aiohttp's in botocore's
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
+    chain = error_chain(err)
     names = {type(e).__name__ for e in chain} | {str(getattr(e, "code", "")) for e in chain}
     for e in chain:
         response = getattr(e, "response", None)
