@@ -55,6 +55,11 @@ _SIGNATURES = (
 )
 
 
+# ISO media files hold AVIF (AV1) and HEIF (HEVC) images: their `ftyp` box's major brand says which.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+
+
 class ImageDecodeError(ValueError):
     """Why some bytes did not give an image: `reason` is one of `REASONS`."""
 
@@ -129,6 +134,10 @@ def _open(data: bytes) -> Image.Image:
         # size over it where warnings are turned into errors).
         raise ImageDecodeError("decompression_bomb", str(err)) from None
     except UnidentifiedImageError:
+        if (brand := _heif_brand(data)) is not None:
+            raise ImageDecodeError(
+                "unsupported_format", f"HEIF image (brand {brand}): PIL has no HEIF plugin here (pillow-heif)"
+            ) from None
         if _looks_like_image(data):
             raise ImageDecodeError("truncated", f"image header cut short or damaged ({len(data)} bytes)") from None
         raise ImageDecodeError("not_an_image", f"unrecognised data starting {data[:16]!r}") from None
@@ -159,7 +168,29 @@ def _load_error(err: Exception, data: bytes | None) -> ImageDecodeError:
 
 
 def _looks_like_image(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return (
+        data.startswith(_SIGNATURES)
+        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+        or bool(_ftyp_brands(data) & _AVIF_BRANDS)
+    )
+
+
+def _heif_brand(data: bytes) -> str | None:
+    """The brand of a HEIF/HEIC file, which PIL opens only with a plugin: without one it is a
+    format we cannot read, not "not an image". None for anything else, AVIF included."""
+    brands = _ftyp_brands(data)
+    if not brands & _HEIF_BRANDS or brands & _AVIF_BRANDS:
+        return None
+    return data[8:12].decode("ascii", "replace")
+
+
+def _ftyp_brands(data: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO media file's leading `ftyp` box (AVIF and HEIF
+    images are such files); empty for other data."""
+    if data[4:8] != b"ftyp":
+        return set()
+    size = min(int.from_bytes(data[:4], "big"), len(data), 256)
+    return {data[8:12]} | {data[i : i + 4] for i in range(16, size - 3, 4)}
 
 
 def _riff_cut_short(data: bytes | None) -> bool:

@@ -53,7 +53,12 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.storage import error_chain, storage_error_cause
 
 FORMATS = ("webdataset", "parquet", "images")
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+# What `decode` reads (HEIF only where a plugin for PIL is registered, else an unsupported_format
+# row): the WebDataset image extensions, and those of photos and scans found in folders.
+IMAGE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "jfif", "png", "webp", "avif", "heic", "heif", "bmp", "gif", "tif", "tiff",
+     "ppm", "pgm", "pbm", "pnm"}
+)
 _SUFFIXES = {
     "webdataset": (".tar", ".tar.gz", ".tgz"),
     "parquet": (".parquet",),
@@ -104,6 +109,22 @@ class Record:
     error: str | None = None
     shard_failure: bool = False
 
+    def __post_init__(self) -> None:
+        self.key, self.source = valid_utf8(self.key), valid_utf8(self.source)
+        if self.error is not None:
+            self.error = valid_utf8(self.error)
+
+
+def valid_utf8(text: str) -> str:
+    """`text` as valid UTF-8, which Arrow and Parquet require. Names from tar headers and file
+    systems come in any encoding, and Python keeps the bytes it could not decode as lone
+    surrogates (`caf\\udce9`); they are written as `\\xNN` (`caf\\xe9`), the same on every run, so
+    keys stay stable across reruns."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte, e.g. from JSON's "\ud800"
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 # --- listing ------------------------------------------------------------------------------------
 
@@ -128,10 +149,13 @@ def list_shards(
     found = {str(entry): _find(str(entry), format, options) for entry in entries}
 
     if format == "images":
-        return _image_shards(found, images_per_shard, options)
-    uris = sorted({uri for files in found.values() for uri in files})
-    _check_unique_stems(uris)
-    return [Shard(uri, format) for uri in uris]
+        shards = _image_shards(found, images_per_shard, options)
+    else:
+        uris = sorted({uri for files in found.values() for uri in files})
+        _check_unique_stems(uris)
+        shards = [Shard(uri, format) for uri in uris]
+    _check_utf8_names(shards)
+    return shards
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -368,6 +392,15 @@ def _check_unique_stems(uris: list[str]) -> None:
         seen[stem] = uri
 
 
+def _check_utf8_names(shards: list[Shard]) -> None:
+    """A shard's name travels in every row (Arrow text, UTF-8 only) and identifies it in the
+    output's commits: it cannot be escaped the way keys are without losing the way back to the
+    file. (Image files' own names can: their shard is named by their folder.)"""
+    for shard in shards:
+        if valid_utf8(shard.uri) != shard.uri:
+            raise SourceError(f"{valid_utf8(shard.uri)}: the name is not valid UTF-8: rename it")
+
+
 def shard_stem(uri: str) -> str:
     """`s3://b/shards/00042.tar` -> `00042`: the prefix of every key read from that shard."""
     name = posixpath.basename(uri.rstrip("/"))
@@ -432,9 +465,7 @@ def _read_webdataset(uri: str, options: dict) -> Iterator[Record]:
                 key, ext = _split_member_name(member.name)
                 if key is None or not member.isfile():
                     continue
-                value = _read_member(tar, member, ext)
-                if value is not None:
-                    yield from samples.add(key, ext, value)
+                yield from samples.add(key, ext, _read_member(tar, member, ext))
             # Stream mode ends quietly when the file stops inside (or right before) a header; a
             # whole tar ends with a zero block, which the stream has then read in full.
             if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
@@ -445,10 +476,15 @@ def _read_webdataset(uri: str, options: dict) -> Iterator[Record]:
     yield from samples.finish(problem)
 
 
+def _is_image_extension(ext: str) -> bool:
+    """By its last part, as WebDataset's decoders do: `seg.png` and `2021.jpg` are images."""
+    return ext.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+
+
 def _split_member_name(name: str) -> tuple[str | None, str]:
     """`dir/000123.seg.png` -> (`dir/000123`, `seg.png`): the key ends at the basename's first dot
     (the WebDataset convention). Hidden members such as macOS `._000123.jpg` have no key."""
-    folder, _, base = name.removeprefix("./").rpartition("/")
+    folder, _, base = valid_utf8(name).removeprefix("./").rpartition("/")
     stem, dot, ext = base.partition(".")
     if not stem or not dot:
         return None, ""
@@ -459,7 +495,7 @@ def _read_member(
     tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str
 ) -> bytes | str | _Json | _TooLarge | None:
     """Image bytes; text metadata (json parsed); or None for members we do not keep."""
-    if ext in IMAGE_EXTENSIONS:
+    if _is_image_extension(ext):
         if member.size > MAX_IMAGE_BYTES:
             return _TooLarge(member.size)
         return tar.extractfile(member).read()
@@ -491,9 +527,14 @@ class _TooLarge:
 
 @dataclass
 class _Sample:
+    """The members of one key. Of several image members, one plain `KEY.jpg` wins over any
+    `KEY.seg.png` / `KEY.2021.jpg` (the sample's picture, not a mask or a depth map beside it);
+    among equals the first in the tar wins; the others are ignored."""
+
     key: str
     image: bytes | None = None
     image_error: str | None = None
+    image_rank: int = 2  # 0: the image came from a plain extension, 1: a compound one, 2: none yet
     metadata: dict[str, Any] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
 
@@ -502,24 +543,30 @@ class _Sample:
         return self.image is not None or self.image_error is not None
 
     def add(self, ext: str, value: Any) -> None:
-        self.members.append(ext)
-        if isinstance(value, _TooLarge):
-            if not self.has_image:
-                self.image_error = f"image_too_large: {self.key}.{ext} is {value.size} bytes"
-        elif isinstance(value, bytes):
-            if not self.has_image:  # a second image for the same key is ignored
-                self.image = value
+        self.members.append(ext)  # also the members not kept: a key never vanishes unreported
+        if isinstance(value, (bytes, _TooLarge)):
+            self._offer_image(ext, value)
         elif isinstance(value, _Json):
             self.metadata["json"] = value.value
             if value.error:
                 self.metadata["json_error"] = value.error
-        else:
+        elif value is not None:
             self.metadata[ext] = value
+
+    def _offer_image(self, ext: str, value: bytes | _TooLarge) -> None:
+        rank = 1 if "." in ext else 0
+        if rank >= self.image_rank:
+            return
+        self.image_rank = rank
+        if isinstance(value, _TooLarge):
+            self.image, self.image_error = None, f"image_too_large: {self.key}.{ext} is {value.size} bytes"
+        else:
+            self.image, self.image_error = value, None
 
     def merge(self, later: _Sample) -> _Sample:
         """Join a later run of this key to this one, which (waiting for its image) has none."""
         self.members += later.members
-        self.image, self.image_error = later.image, later.image_error
+        self.image, self.image_error, self.image_rank = later.image, later.image_error, later.image_rank
         self.metadata.update(later.metadata)
         return self
 
@@ -532,7 +579,8 @@ class _TarSamples:
     - metadata seen before its image is small, so it waits and is joined to the image later;
     - members of a sample already emitted cannot be joined without holding every image in
       memory: they are dropped, counted and reported on a final `shard_ungrouped` record;
-    - metadata whose image never comes becomes a `missing_image` record at the end.
+    - a key whose image never comes (only metadata, or members not kept, like `.npy`) becomes a
+      `missing_image` record at the end.
     """
 
     def __init__(self, uri: str):

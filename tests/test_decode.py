@@ -91,6 +91,26 @@ def test_format_pil_knows_but_we_do_not_accept_is_unsupported():
     assert reason_of(encode(Image.new("RGB", (16, 16)), "EPS")) == "unsupported_format"
 
 
+def test_avif_decodes_and_a_cut_one_is_truncated():
+    data = encode(halves(40, 30), "AVIF")
+    decoded = decode_image(data)
+    assert (decoded.width, decoded.height) == (40, 30) and close_to(color_at(decoded, (5, 15)), RED)
+    assert reason_of(data[:100]) == "truncated" and reason_of(data[: len(data) - 20]) == "truncated"
+
+
+def heif_header(major: bytes, *compatible: bytes) -> bytes:
+    """The leading `ftyp` box of an ISO media file, then bytes PIL cannot read."""
+    body = major + b"\0\0\0\0" + b"".join(compatible)
+    return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + b"\0" * 200
+
+
+def test_heif_without_a_plugin_is_an_unsupported_format_not_a_non_image():
+    with pytest.raises(ImageDecodeError, match="unsupported_format: HEIF image \\(brand heic\\)"):
+        decode_image(heif_header(b"heic", b"mif1", b"heic"))
+    # A damaged AVIF whose major brand is the generic mif1 is still an AVIF.
+    assert reason_of(heif_header(b"mif1", b"mif1", b"avif")) == "truncated"
+
+
 def test_declared_size_over_max_pixels_is_refused_before_decoding():
     # 60000 x 60000 RGB would need 10 GiB; the file is a few dozen bytes.
     assert reason_of(png_header_only(60_000, 60_000)) == "decompression_bomb"

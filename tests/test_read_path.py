@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 
 import fsspec
 import pyarrow as pa
@@ -21,9 +22,10 @@ from s3fs.errors import translate_boto_error
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
-from pipeline.sources import Shard, ShardError, read_shard
+from pipeline.sources import Record, Shard, ShardError, read_shard
 from pipeline.stages import PreprocessConfig, ShardTask, preprocess_shard
 from tests.pipeline_fixtures import scene_jpeg, tar_bytes
+from tests.test_sources import latin1_tar
 
 
 def s3_error(code: str) -> OSError:
@@ -226,3 +228,29 @@ def test_a_retry_that_finds_damage_past_the_first_attempt_commits_it_as_damage(f
     assert marker["storage_error"] is None and marker["rows"] == len(rows)
     assert rows[-1]["error"].startswith("shard_unreadable: ReadError")
     assert [r["seq"] for r in rows] == list(range(len(rows)))
+
+
+# --- names and markers --------------------------------------------------------------------------
+
+
+def test_a_tar_with_non_utf8_member_names_gives_rows_not_a_crash(tmp_path):
+    path = latin1_tar(tmp_path / "l.tar", [("caf\xe9.jpg", scene_jpeg(0)), ("caf\xe9.txt", b"x"), ("ok.jpg", scene_jpeg(1))])
+    rows, marker = preprocess(Shard(str(path), "webdataset"))
+    assert [(r["key"], r["error"]) for r in rows] == [("l/caf\\xe9", None), ("l/ok", None)]
+    assert marker["rows"] == 2
+
+
+def test_a_sample_keyed_like_the_shard_record_is_an_ordinary_row(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes([("__shard__.jpg", b"not an image"), ("__shard__.txt", b"a caption")]))
+    rows, marker = preprocess(Shard(str(path), "webdataset"))
+    (row,) = rows
+    assert row["key"] == "s/__shard__" and row["error"].startswith("not_an_image:")
+    assert pickle.loads(row["meta"]) == {"txt": "a caption"}  # its metadata kept, as for any sample
+
+
+def test_shard_damage_keeps_its_counts_in_the_message_not_in_columns():
+    record = Record("s/__shard__", "x.tar", None, {"samples": 3, "late_members": 0}, "shard_unreadable: ReadError",
+                    shard_failure=True)
+    row = stages.preprocess_record(record, 7, Shard("x.tar", "webdataset"), None, preprocess_config())
+    assert row["error"] == "shard_unreadable: ReadError (samples=3, late_members=0)" and "meta" not in row

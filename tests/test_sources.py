@@ -313,6 +313,86 @@ def test_reading_a_tar_streams_without_keeping_member_headers(tmp_path, monkeypa
     assert max(seen_sizes) <= 2
 
 
+def test_member_named_with_dots_is_an_image_by_its_last_extension(tmp_path):
+    """WebDataset keys end at the first dot; what a member is, its decoders read from the last."""
+    path = tmp_path / "d.tar"
+    path.write_bytes(tar_bytes([("photo.2021.jpg", JPEG), ("photo.2021.txt", b"a cat"), ("x.seg.png", PNG)]))
+    records = read_all(Shard(str(path), "webdataset"))
+    assert [(r.key, r.data, r.error) for r in records] == [("d/photo", JPEG, None), ("d/x", PNG, None)]
+    assert records[0].metadata == {"2021.txt": "a cat"}
+
+
+@pytest.mark.parametrize("ext", ["jfif", "avif", "heic", "heif", "ppm", "JPG"])
+def test_every_extension_decode_reads_is_an_image_member(tmp_path, ext):
+    path = tmp_path / "e.tar"
+    path.write_bytes(tar_bytes([(f"a.{ext}", b"\x00\x01\xff image bytes, not text")]))
+    (record,) = read_all(Shard(str(path), "webdataset"))
+    assert record.error is None and record.data.startswith(b"\x00\x01\xff")
+
+
+@pytest.mark.parametrize("members", [
+    [("a.depth.png", PNG), ("a.jpg", JPEG), ("a.seg.png", PNG)],
+    [("a.jpg", JPEG), ("a.seg.png", PNG), ("a.jpeg", PNG)],
+], ids=["plain after compound", "first plain"])
+def test_a_plain_image_member_wins_over_compound_ones_then_the_first(tmp_path, members):
+    path = tmp_path / "m.tar"
+    path.write_bytes(tar_bytes(members))
+    (record,) = read_all(Shard(str(path), "webdataset"))
+    assert record.data == JPEG
+
+
+def test_a_key_with_no_usable_image_member_is_a_missing_image_record(tmp_path):
+    """Every key gives one record: one whose members are all dropped (binary, too large for
+    metadata) is reported, not lost."""
+    path = tmp_path / "k.tar"
+    members = [("a.jpg", JPEG), ("b.npy", b"\x93NUMPY\xff\xfe"), ("c.cls", b"\xff\xfe"), ("d.jpg", PNG)]
+    path.write_bytes(tar_bytes(members))
+    records = read_all(Shard(str(path), "webdataset"))
+    assert [(r.key, r.error) for r in records] == [
+        ("k/a", None), ("k/d", None),
+        ("k/b", "missing_image: no image member (found: npy)"),
+        ("k/c", "missing_image: no image member (found: cls)"),
+    ]
+
+
+def latin1_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar written where names are latin-1 (old Windows tools): its names are not UTF-8."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_non_utf8_member_names_give_valid_keys_the_same_on_every_read(tmp_path):
+    path = latin1_tar(tmp_path / "l.tar", [("caf\xe9.jpg", JPEG), ("caf\xe9.r\xe9sum\xe9", b"text"), ("ok.jpg", PNG)])
+    first, second = read_all(Shard(str(path), "webdataset")), read_all(Shard(str(path), "webdataset"))
+    assert [r.key for r in first] == ["l/caf\\xe9", "l/ok"] == [r.key for r in second]
+    assert first[0].metadata == {"r\\xe9sum\\xe9": "text"}
+    for record in first:
+        record.key.encode("utf-8")
+
+
+def test_image_files_with_non_utf8_names_give_valid_keys_and_sources(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")  # how Python names a latin-1 file on a UTF-8 system
+    (tmp_path / name).write_bytes(JPEG)
+    (tmp_path / "gone.jpg").write_bytes(JPEG)
+    (shard,) = list_shards(str(tmp_path), "images")
+    (tmp_path / "gone.jpg").unlink()
+    records = read_all(shard)
+    assert [(r.key, r.data) for r in records] == [("caf\\xe9.jpg", JPEG), ("gone.jpg", None)]
+    assert records[0].source == f"{tmp_path}/caf\\xe9.jpg"
+    for record in records:
+        (record.key + record.source + (record.error or "")).encode("utf-8")
+
+
+def test_a_shard_file_whose_name_is_not_utf8_is_refused_before_any_work(tmp_path):
+    write_shard(tmp_path / os.fsdecode(b"caf\xe9.tar"), ["a"])
+    with pytest.raises(SourceError, match=r"caf\\xe9.tar: the name is not valid UTF-8"):
+        list_shards(str(tmp_path), "webdataset")
+
+
 # --- Parquet ------------------------------------------------------------------------------------
 
 
@@ -403,6 +483,13 @@ def test_image_folder_becomes_fixed_size_shards_in_sorted_order(photo_dir):
     assert [len(s.files) for s in shards] == [3, 1]
     keys = [r.key for s in shards for r in read_all(s)]
     assert keys == ["2020/c.webp", "2020/d.gif", "a.PNG", "b.jpg"]
+
+
+def test_image_folder_lists_every_extension_decode_reads(tmp_path):
+    for name in ["a.jfif", "b.avif", "c.HEIC", "d.heif", "e.pgm", "f.2021.jpg", "g.txt"]:
+        (tmp_path / name).write_bytes(JPEG)
+    (shard,) = list_shards(str(tmp_path), "images")
+    assert [r.key for r in read_all(shard)] == ["a.jfif", "b.avif", "c.HEIC", "d.heif", "e.pgm", "f.2021.jpg"]
 
 
 def test_image_records_carry_bytes_and_their_file(photo_dir):
