@@ -101,14 +101,20 @@ class Folder:
         return json.loads(self.read_bytes(name))
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
-        """Several small files in one go (object stores fetch them concurrently)."""
-        if not names:
-            return {}
+        """Several small files in one go (object stores fetch them concurrently); those that
+        are gone (deleted since they were listed) are left out."""
         paths = [self.path(n) for n in names]
-        found = self.fs.cat(paths, on_error="omit")
-        if isinstance(found, bytes):  # fsspec returns bare bytes for a single non-glob path
-            found = {paths[0]: found}
-        return {self._relative(p): data for p, data in found.items()}
+        # Not fs.cat: it expands `[`, `*` and `?` in paths as globs, so a folder named `out[1]`
+        # would read its sibling `out1`'s files. cat_ranges reads each path as it is.
+        found = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        contents = {}
+        for name, data in zip(names, found):
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                raise data
+            contents[name] = data
+        return contents
 
     def list(self, prefix: str = "", suffix: str = "") -> dict[str, int]:
         """{relative name: size} of the files directly in `prefix` (a sub-folder, or "")."""
@@ -167,8 +173,10 @@ class Folder:
         self.write_bytes(name, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode())
 
     def delete(self, name: str) -> None:
+        """Delete one file, if it is there. (Not fs.rm, which expands `[`, `*` and `?` as globs
+        and deleted a sibling folder's file on S3.)"""
         try:
-            self.fs.rm(self.path(name), recursive=True)
+            self.fs.rm_file(self.path(name))
         except FileNotFoundError:
             pass
 
