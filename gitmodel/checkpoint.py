@@ -175,10 +175,21 @@ class PretrainedModel(nn.Module):
         """Hook for files beside the weights (the generation config)."""
 
     def save_pretrained(self, path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+        """config.json and model.safetensors, which this class and transformers' class of the same name load."""
         folder = CheckpointFolder(path, storage_options)
-        self.config.save_pretrained(path, storage_options)
+        folder.write_json("config.json", self.config_json())
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         folder.write_bytes(SAFETENSORS, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+    def config_json(self) -> dict[str, Any]:
+        """The config as transformers writes it beside these weights: this class's name, the weights' dtype.
+
+        The dtype the config was loaded with is stale once the model has been cast (loaded in float32,
+        saved in bfloat16), and transformers loads the weights in the dtype the config names.
+        """
+        values = self.config.to_dict()
+        values.pop("torch_dtype", None)  # transformers 4's name for it
+        return {**values, "architectures": [type(self).__name__], "dtype": str(self.dtype).removeprefix("torch.")}
 
     @property
     def device(self) -> torch.device:

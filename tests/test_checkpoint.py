@@ -125,6 +125,39 @@ def test_save_pretrained_round_trips_and_transformers_loads_it(checkpoint, tmp_p
     torch.testing.assert_close(logits(ours), expected, atol=2e-5, rtol=0)
 
 
+def test_submodels_save_what_transformers_loads_as_the_same_class(checkpoint, reference, tmp_path_factory):
+    import transformers
+
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[101, 5, 6], [101, 7, 8]])
+    vision_folder, git_folder = tmp_path_factory.mktemp("vision"), tmp_path_factory.mktemp("git")
+    gitmodel.GitVisionModel.from_pretrained(checkpoint).save_pretrained(vision_folder)
+    gitmodel.GitModel.from_pretrained(checkpoint).save_pretrained(git_folder)
+    assert json.loads((vision_folder / "config.json").read_text())["architectures"] == ["GitVisionModel"]
+    vision = transformers.GitVisionModel.from_pretrained(str(vision_folder)).eval()
+    git = transformers.GitModel.from_pretrained(str(git_folder)).eval()
+    with torch.no_grad():
+        expected_vision = reference.git.image_encoder(pixels).last_hidden_state
+        expected_git = reference.git(input_ids=ids, pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(vision(pixels).last_hidden_state, expected_vision, atol=2e-5, rtol=0)
+        torch.testing.assert_close(git(input_ids=ids, pixel_values=pixels).last_hidden_state, expected_git, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saved_config_names_the_dtype_of_the_saved_weights(checkpoint, tmp_path_factory, dtype):
+    import transformers
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # as transformers 4 wrote it (the hub's files)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    saved = tmp_path_factory.mktemp("cast")
+    GitForCausalLM.from_pretrained(checkpoint, dtype=dtype).save_pretrained(saved)
+    written = json.loads((saved / "config.json").read_text())
+    assert written["dtype"] == str(dtype).removeprefix("torch.") and "torch_dtype" not in written
+    assert {t.dtype for t in load_file(saved / "model.safetensors").values()} == {dtype}
+    assert transformers.GitForCausalLM.from_pretrained(str(saved)).dtype == dtype
+
+
 def test_hub_style_config_with_only_non_default_vision_fields(tmp_path):
     config = gitmodel.GitConfig.from_dict({"model_type": "git", "vision_config": {"model_type": "git_vision_model", "dropout": 0.0}})
     assert config.vision_config.hidden_size == 768 and config.vision_config.patch_size == 16
