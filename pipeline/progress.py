@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,8 +45,12 @@ COMMITS = f"{PROGRESS}/commits"
 RUNS = f"{PROGRESS}/runs"
 SUCCESS_FILE = f"{PROGRESS}/complete.json"
 SUMMARY_FILE = f"{PROGRESS}/summary.json"  # the last run's summary: counts, stage timings, speed
-STALE_RUN_S = 300  # a "running" run record older than this probably belongs to a killed run
-HEARTBEAT_S = 30  # a running run rewrites its record at least this often
+STALE_RUN_S = 300  # seen from another host, a "running" run record older than this belongs to a killed run
+HEARTBEAT_S = 30  # a running run rewrites its record this often, whatever it is doing
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray sets it for a job's driver
+GAVE_WAY = "gave way"  # the state of a run that found another one writing: it did nothing
+
+_log = logging.getLogger(__name__)
 
 
 class JobMismatchError(ValueError):
@@ -57,6 +63,10 @@ class NoJobError(FileNotFoundError):
 
 class ConcurrentRunError(ValueError):
     """Another run is writing to the same output: two would caption the same shards twice."""
+
+
+class LeaseLostError(RuntimeError):
+    """This run could not renew its record for so long that another run may have taken the output."""
 
 
 def commit_name(data_file: str) -> str:
@@ -79,15 +89,28 @@ class JobProgress:
             return None
 
     def check(self, job: CaptionJob) -> dict[str, Any] | None:
-        """The stored job record; `JobMismatchError` if it has other decisive settings than `job`
-        and data is committed (a resume would mix captions made two ways); `ConcurrentRunError`
-        if another run is still writing here."""
-        active = self.active_run()
+        """The stored job record; `ConcurrentRunError` if another run is still writing here (a Ray
+        job's driver waits for a run on another host to end first, see `_wait_for_other_host`);
+        `JobMismatchError` if data committed here was made with other decisive settings. Writes nothing."""
+        active = self._wait_for_other_host(self.active_run())
         if active is not None:
             raise self._busy(active)
+        return self._check_settings(job)
+
+    def _check_settings(self, job: CaptionJob) -> dict[str, Any] | None:
+        """The stored job record, or `JobMismatchError` if committed data has another fingerprint.
+        The data files' own fingerprints decide: job.json is replaced whenever nothing is committed,
+        and an older gitcap let a run that then gave way rewrite it, so it may not match the data."""
         record = self.job_record()
-        if record is not None and record["fingerprint"] != job.fingerprint() and self.sink.data_files():
-            changes = "; ".join(_differences(record.get("settings", {}), job.decisive_settings()))
+        files = self.sink.data_files()
+        made = {m.get("fingerprint") for name, m in self.commits().items() if name in files} - {None}
+        if files and not made and record is not None:
+            made = {record["fingerprint"]}  # data files whose manifests are not written yet
+        if made and made != {job.fingerprint()}:
+            if record is not None and record["fingerprint"] in made:
+                changes = "; ".join(_differences(record.get("settings", {}), job.decisive_settings()))
+            else:
+                changes = f"committed with fingerprint {', '.join(sorted(made))}, this job's is {job.fingerprint()}"
             raise JobMismatchError(
                 f"{self.folder.uri('')} holds output of a job with other settings ({changes or 'fingerprint differs'}). "
                 "Resuming would mix captions made two ways: rerun with the original settings, "
@@ -97,14 +120,14 @@ class JobProgress:
 
     def start(self, job: CaptionJob, list_plan: Callable[[], list[Shard]], model_id: str) -> tuple[dict, list[Shard]]:
         """The job record and shard list: the stored ones when the same job ran here before (a
-        resume), else new ones. Refuses a job with other decisive settings once data is committed."""
-        record = self.check(job)
-        if record is not None and record["fingerprint"] != job.fingerprint():
-            record = None  # nothing committed yet: the new settings simply replace the old
-        if record is not None:
+        resume), else new ones, written here. Call as the folder's writer (after `claim`): a run
+        that gives way must leave the job's files as they are. Refuses a job with other decisive
+        settings once data is committed (checked again: a run may have committed since `check`)."""
+        record = self._check_settings(job)
+        if record is not None and record["fingerprint"] == job.fingerprint():
             shards = [Shard(s["uri"], s["format"], tuple(s.get("files", ()))) for s in self._read_plan()]
             return record, shards
-        shards = list_plan()
+        shards = list_plan()  # nothing here, or nothing committed with other settings: theirs are replaced
         plan = [{"uri": s.uri, "format": s.format, **({"files": list(s.files)} if s.files else {})} for s in shards]
         self.folder.write_bytes(PLAN_FILE, gzip.compress(json.dumps(plan).encode()))
         record = {
@@ -167,11 +190,8 @@ class JobProgress:
 
     def active_run(self) -> dict[str, Any] | None:
         """A run recorded as running that is alive: on this host its process exists; elsewhere it
-        updated its record (at every commit, and every `HEARTBEAT_S`) less than `STALE_RUN_S` ago."""
-        for run in reversed(self.runs()):
-            if _alive(run):
-                return run
-        return None
+        renewed its record (every `HEARTBEAT_S`, see `RunLease`) less than `STALE_RUN_S` ago."""
+        return _active(self.runs())
 
     def claim(self, run: dict[str, Any]) -> None:
         """Register `run` as this folder's writer, or raise `ConcurrentRunError`.
@@ -186,8 +206,29 @@ class JobProgress:
             if other["run"] == run["run"] or not _alive(other, this_process_too=True):
                 continue
             if (other.get("registered_at", other["started_at"]), other["run"]) < (run["registered_at"], run["run"]):
-                self.write_run({**run, "state": f"gave way to run {other['run']}"})
+                self.write_run({**run, "state": f"{GAVE_WAY} to run {other['run']}"})
                 raise self._busy(other)
+
+    def _wait_for_other_host(self, active: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The live run once a Ray job's driver has waited for a run on another host to end.
+
+        When a Ray cluster loses its head, KubeRay submits the job again on a new cluster within
+        seconds, while the lost driver's record is still fresh: failing at once would use up the
+        retry. A record whose driver died goes stale within `STALE_RUN_S`, so waiting that long
+        (and a little more) tells a dead run from a live one. `gitcap run` at a terminal still
+        fails at once: its user can wait, or look."""
+        if active is None or RAY_JOB_ENV not in os.environ or active["host"] == socket.gethostname():
+            return active
+        _log.warning(
+            "gitcap: %s is held by run %s on host %s (last update %.0f s ago); this Ray job waits up to "
+            "%.0f s for it to finish or go stale", self.folder.uri(""), active["run"], active["host"],
+            time.time() - active["updated_at"], STALE_RUN_S + 2 * HEARTBEAT_S,
+        )
+        deadline = time.time() + STALE_RUN_S + 2 * HEARTBEAT_S
+        while active is not None and time.time() < deadline:
+            time.sleep(min(HEARTBEAT_S, max(0.0, deadline - time.time())))
+            active = self.active_run()
+        return active
 
     def _busy(self, active: dict[str, Any]) -> ConcurrentRunError:
         return ConcurrentRunError(
@@ -201,6 +242,92 @@ class JobProgress:
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         self.folder.write_json(SUCCESS_FILE, summary)
+
+
+class RunLease:
+    """A run's record, which is its lease on the output folder (see `JobProgress.active_run`), kept
+    fresh by a daemon thread every `HEARTBEAT_S`, whatever the run is doing.
+
+    Renewing it only when results arrived let loading or compiling the model, GPU nodes scaling
+    up, a long stall or reconciling a large output pass `STALE_RUN_S` in silence: another driver
+    then took the output over and shards in flight were committed twice. If renewing keeps failing
+    (the output's storage is down), each failure is logged, and once the record may look stale
+    elsewhere the lease is lost for good: `check`, called before every commit, stops the run."""
+
+    def __init__(self, progress: JobProgress, record: dict[str, Any]):
+        self.progress, self.record = progress, record
+        self._lock = threading.Lock()  # the record is written by this thread and the run's
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._renewed_at = time.time()
+        self._lost: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run"]
+
+    def start(self) -> None:
+        """Start renewing; call once the record is registered (`JobProgress.claim`)."""
+        self._renewed_at = self.record["updated_at"]
+        self._thread = threading.Thread(target=self._renew_until_stopped, name=f"gitcap-lease-{self.run_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def update(self, **values: Any) -> None:
+        """Change the record and write it, which renews the lease too."""
+        with self._lock:
+            self.record.update(values)
+            self._write()
+
+    def check(self) -> None:
+        """Raise `LeaseLostError` unless this run still holds the folder: call before committing."""
+        with self._lock:
+            self._check_held()
+
+    def end(self, **values: Any) -> None:
+        """Stop renewing, then write the record's last state (`state` other than running)."""
+        self._stop.set()
+        with self._lock:  # a renewal in progress finishes first; none follows this write
+            self.record.update(values)
+            self._write()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _write(self) -> None:
+        self.progress.write_run(self.record)
+        self._renewed_at = self.record["updated_at"]
+
+    def _check_held(self) -> None:
+        # A margin of two renewals: the commit this check allows must land before others see a
+        # stale record, and a lease once lost stays lost (another run may hold the folder now).
+        silent = time.time() - self._renewed_at
+        if self._lost is None and silent > STALE_RUN_S - 2 * HEARTBEAT_S:
+            self._lost = (f"run {self.run_id} could not renew its record in {self.progress.folder.uri('')} for "
+                          f"{silent:.0f} s, so another run may have taken the output over: stopping before "
+                          "committing anything more. Rerun to resume.")
+        if self._lost is not None:
+            raise LeaseLostError(self._lost)
+
+    def _renew_until_stopped(self) -> None:
+        failures = 0
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    self._check_held()
+                    self._write()
+                failures = 0
+            except LeaseLostError as err:
+                _log.error("gitcap: %s", err)
+                return
+            except Exception as err:  # noqa: BLE001  (never die silently: the lease would age unnoticed)
+                failures += 1
+                _log.warning(
+                    "gitcap: could not renew run %s's record (%d failures in a row, last renewed %.0f s ago; "
+                    "the run stops committing after %.0f s): %s: %s", self.run_id, failures,
+                    time.time() - self._renewed_at, STALE_RUN_S - 2 * HEARTBEAT_S, type(err).__name__, err,
+                )
 
 
 def new_run_record(run_id: str, retry_failed: bool) -> dict[str, Any]:
@@ -218,13 +345,21 @@ def new_run_record(run_id: str, retry_failed: bool) -> dict[str, Any]:
     }
 
 
+def _active(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((run for run in reversed(runs) if _alive(run)), None)
+
+
 def _alive(run: dict[str, Any], this_process_too: bool = False) -> bool:
-    if run["state"] != "running" or time.time() - run["updated_at"] > STALE_RUN_S:
+    if run["state"] != "running":
         return False
-    return run["host"] != socket.gethostname() or _process_alive(run["pid"], this_process_too)
+    if run["host"] == socket.gethostname():
+        # The process answers for itself: a live run may fail to renew its record for a while (slow
+        # storage), and a run whose process is gone never renews it again.
+        return _process_alive(run["pid"], run["started_at"], this_process_too)
+    return time.time() - run["updated_at"] <= STALE_RUN_S
 
 
-def _process_alive(pid: int, this_process_too: bool = False) -> bool:
+def _process_alive(pid: int, run_started_at: float, this_process_too: bool = False) -> bool:
     if pid == os.getpid() and not this_process_too:
         return False  # this process is starting a new run: its old record is from a run it finished
     try:
@@ -232,8 +367,23 @@ def _process_alive(pid: int, this_process_too: bool = False) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    # A process started after the run did is not the run's: its PID was reused after the run died.
+    # Slack for the boot time's whole seconds and small clock adjustments.
+    born = _process_started_at(pid)
+    return born is None or born <= run_started_at + 10
+
+
+def _process_started_at(pid: int) -> float | None:
+    """When a process started (Unix time), from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -306,7 +456,8 @@ def job_status(output: str, storage_options: dict[str, Any] | None = None) -> Jo
     for m in manifests.values():
         errors.update(m.get("errors", {}))
     runs = progress.runs()
-    last = runs[-1] if runs else None
+    # The live run if any: a run that gave way did nothing, and would hide its speed and ETA.
+    last = _active(runs) or next((r for r in reversed(runs) if not r["state"].startswith(GAVE_WAY)), None)
     speed = last.get("images_per_s") if last else None
     ok = sum(m["ok"] for m in manifests.values())
     eta = None

@@ -30,7 +30,8 @@ Why this protocol, and not Ray Data's `write_parquet` or its `CheckpointConfig`:
   the hidden `.gitcap/`, the one name every one of those readers skips.
 - Redo after a kill is bounded by what was in flight: shards being read or captioned, plus at
   most one wave of finished-but-uncommitted shards. Committed shards are never re-read.
-- One writer at a time: a running run's record is its lease (see `progress.active_run`).
+- One writer at a time: a running run's record is its lease, renewed from a thread whatever the
+  run is doing (see `progress.RunLease`); a run checks it before every commit.
 
 Sampling reproduces across resumes (per-image seeds from (seed, key)), so a redone shard gets
 the captions it would have had. `--retry-failed` re-reads only shards with error rows, captions
@@ -58,7 +59,7 @@ from gitmodel.image_processing import GitImageProcessor
 from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
 from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
-from pipeline.progress import HEARTBEAT_S, SUCCESS_FILE, JobProgress, new_run_record
+from pipeline.progress import SUCCESS_FILE, JobProgress, RunLease, new_run_record
 from pipeline.sink import output_table, file_summary
 from pipeline.sources import Shard, list_shards
 from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
@@ -136,20 +137,24 @@ def run_caption_job(
     model_path, model_id = resolve_model(job.model.path)
     progress = JobProgress(Folder(job.output.path, job.output.storage_options))
     inp = job.input
-    _, shards = progress.start(
-        job, lambda: list_shards(inp.path, inp.format, inp.storage_options, inp.images_per_shard), model_id
-    )
-    run = _Run(progress, started, retry_failed, len(shards))
-    progress.claim(run.record)  # from here on, this run is the folder's one writer
+    run = _Run(progress, started, retry_failed)
+    progress.check(job)  # a live run or other settings: refused before anything is written
+    progress.claim(run.lease.record)  # from here on, this run is the folder's one writer
+    run.lease.start()
     try:
+        # Only now the job record and plan: a run that gave way in `claim` must not have replaced them.
+        _, shards = progress.start(
+            job, lambda: list_shards(inp.path, inp.format, inp.storage_options, inp.images_per_shard), model_id
+        )
+        run.shards_total = len(shards)
         manifests = progress.reconcile()  # the committed shards, rebuilt from the data files if need be
         run.done_before = _committed_shards(manifests)
         if retry_failed:
             tasks, targets = _retry_tasks(progress, manifests, shards)
-            writer: _Writer = _RetryWriter(progress, job, model_id, run.id, targets, manifests, shards)
+            writer: _Writer = _RetryWriter(progress, job, model_id, run.lease, targets, manifests, shards)
         else:
             tasks = [ShardTask(s) for s in shards if s.uri not in run.done_before]
-            writer = _WaveWriter(progress, job, model_id, run.id, _wave_size(job, len(tasks)), commit_interval_s)
+            writer = _WaveWriter(progress, job, model_id, run.lease, _wave_size(job, len(tasks)), commit_interval_s)
         if tasks:
             run.execute(_captioned_blocks(job, tasks, model_path, model_id), writer, len(tasks), progress_callback)
         _failpoint("before-finish")
@@ -157,7 +162,7 @@ def run_caption_job(
     except BaseException as err:
         # What is committed stays committed; the record says why this run stopped, and frees the folder.
         how = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"  # Ctrl-C, or SIGTERM (gitcap stop)
-        progress.write_run({**run.record, "state": f"{how}: {root_cause(err)}"})
+        run.lease.end(state=f"{how}: {root_cause(err)}")
         raise
 
 
@@ -168,12 +173,12 @@ class StorageUnavailableError(RuntimeError):
 class _Run:
     """One run's loop on the driver: results in, shards assembled, waves committed, its record kept."""
 
-    def __init__(self, progress: JobProgress, started: float, retry_failed: bool, shards_total: int):
+    def __init__(self, progress: JobProgress, started: float, retry_failed: bool):
         self.progress, self.started, self.retry_failed = progress, started, retry_failed
-        self.shards_total = shards_total
+        self.shards_total = 0  # known once the plan is read
         self.done_before: set[str] = set()  # shards committed before this run
         self.id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
-        self.record = new_run_record(self.id, retry_failed)
+        self.lease = RunLease(progress, new_run_record(self.id, retry_failed))
         self.counts: Counter = Counter()
         self.stage_seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "caption": 0.0}
         self.first_result: float | None = None
@@ -182,7 +187,6 @@ class _Run:
 
     def execute(self, blocks: Iterator[pa.Table], writer: _Writer, shards_todo: int,
                 progress_callback: Callable[[ProgressUpdate], None] | None) -> None:
-        self.progress.write_run(self.record)
         assembler = ShardAssembler()
         for block in blocks:
             self._count(block)
@@ -203,8 +207,6 @@ class _Run:
                 if writer.due():
                     writer.flush()
                     self._save(writer)
-            if time.time() - self.record["updated_at"] > HEARTBEAT_S:
-                self.progress.write_run(self.record)  # a heartbeat: this run is alive, others must wait
             if progress_callback:
                 progress_callback(ProgressUpdate(
                     shards_total=self.shards_total, shards_done=len(self.done_before) + writer.shards_committed,
@@ -225,10 +227,12 @@ class _Run:
             self.stage_seconds["read"] += marker.get("read_s", 0.0)
             self.stage_seconds["decode"] += marker.get("decode_s", 0.0)
 
-    def _save(self, writer: _Writer, **values: Any) -> None:
-        self.record.update(shards_committed=writer.shards_committed, images=self.counts["images"],
-                           startup_s=self.startup(), images_per_s=self.speed(), **values)
-        self.progress.write_run(self.record)
+    def _save(self, writer: _Writer) -> None:
+        self.lease.update(**self._record_values(writer))
+
+    def _record_values(self, writer: _Writer) -> dict[str, Any]:
+        return dict(shards_committed=writer.shards_committed, images=self.counts["images"],
+                    startup_s=self.startup(), images_per_s=self.speed())
 
     def speed(self) -> float | None:
         """Images/s since the first result arrived: start-up (Ray, model loading) is not in it."""
@@ -264,14 +268,18 @@ class _Run:
         )
         for uri, error in self.storage_failed.items():
             summary.failed_sources.append({"shard": uri, "error": f"storage_failed: {error} (not committed: rerun to retry)"})
-        self._save(writer, state="finished", finished_at=time.time())  # its claim on the folder ends
         if not worked:
             summary.notes.append("no failed rows to retry" if self.retry_failed else "nothing to do: every shard is committed")
         else:
             self.progress.write_summary({**summary.to_dict(), "settings": job.decisive_settings()})
+        self.lease.check()  # views are written from `manifests`: only while no other run can commit
         finish_dataset(self.progress.folder, job, manifests, summary.complete)  # views repaired, card
         if summary.complete and not self.progress.folder.exists(SUCCESS_FILE):
             self.progress.mark_complete({k: v for k, v in summary.to_dict().items() if k != "notes"})
+        # Last: the claim on the folder ends. Finishing the views can take long (every data file is
+        # read after a filter change); a run that started meanwhile would commit files the views
+        # above do not know of.
+        self.lease.end(**self._record_values(writer), state="finished", finished_at=time.time())
         return summary
 
 
@@ -409,9 +417,9 @@ class _Writer:
 class _WaveWriter(_Writer):
     """Commits finished shards, a wave at a time, each wave as one new data file."""
 
-    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, run_id: str,
+    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, lease: RunLease,
                  wave_size: int, interval_s: float):
-        self.progress, self.job, self.model_id, self.run_id = progress, job, model_id, run_id
+        self.progress, self.job, self.model_id, self.lease = progress, job, model_id, lease
         self.wave_size, self.interval_s = wave_size, interval_s
         self.ready: list[CompletedShard] = []
         self.last_commit = time.time()
@@ -430,11 +438,12 @@ class _WaveWriter(_Writer):
             return
         wave, self.ready = self.ready, []
         table = _output(self.job, self.model_id, [s.rows for s in wave])
-        info = {**file_summary(table, [s.uri for s in wave]), "run": self.run_id,
+        info = {**file_summary(table, [s.uri for s in wave]), "run": self.lease.run_id,
                 "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
-        name = f"part-{self.run_id}-{self.waves:05d}.parquet"
+        name = f"part-{self.lease.run_id}-{self.waves:05d}.parquet"
         self.waves += 1
         _failpoint("before-data")
+        self.lease.check()
         size = self.progress.sink.write(name, table, info)  # the commit
         _failpoint("after-data")
         self.progress.write_commit(name, {**info, "size": size})
@@ -448,9 +457,9 @@ class _RetryWriter(_Writer):
     """--retry-failed: each retried shard's new rows replace its error rows, in the data file that
     holds the shard, which is republished whole under its own name."""
 
-    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, run_id: str,
+    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, lease: RunLease,
                  targets: dict[str, str], manifests: dict[str, dict], shards: list[Shard]):
-        self.progress, self.job, self.model_id, self.run_id = progress, job, model_id, run_id
+        self.progress, self.job, self.model_id, self.lease = progress, job, model_id, lease
         self.targets, self.manifests = targets, manifests
         self.by_uri = {s.uri: s for s in shards}
         self.ready: dict[str, list[CompletedShard]] = defaultdict(list)
@@ -471,8 +480,9 @@ class _RetryWriter(_Writer):
             new = _output(self.job, self.model_id, [s.rows for s in shards])
             table = pa.concat_tables([old.filter(pa.array(keep)), new], promote_options="permissive")
             table = table.replace_schema_metadata(None)
-            info = {**file_summary(table, self.manifests[name]["shards"]), "run": self.run_id,
+            info = {**file_summary(table, self.manifests[name]["shards"]), "run": self.lease.run_id,
                     "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
+            self.lease.check()
             size = sink.write(name, table, info)  # replaces the old file in one step
             self.progress.write_commit(name, {**info, "size": size})
             publish_views(self.progress.folder, self.job.output, name, table, {**info, "size": size})

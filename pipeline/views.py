@@ -21,9 +21,9 @@ are built right after it is committed (from the table still in memory), then its
 written. `finish_dataset`, at the end of every run, rebuilds from the data file any view whose
 record is missing (a crash between commit and views), names an older version of the file
 (`--retry-failed` republishes files under their own names) or other view settings (output.filter
-and output.webdataset may change between runs: they are not part of the job's fingerprint), and
-deletes views of files or settings that no longer exist. Then, once every shard is committed, it
-writes the card.
+and output.webdataset may change between runs: they are not part of the job's fingerprint), or
+whose file is gone, and deletes views of files or settings that no longer exist (data files are
+listed again for that, right before). Then, once every shard is committed, it writes the card.
 
 WebDataset samples: `KEY.<ext>` (the image bytes as read, `ext` from their format), `KEY.txt`
 (the best caption) and `KEY.json` (every other column but the error: key, source, score, words,
@@ -94,22 +94,30 @@ def _sync_views(folder: Folder, output: OutputConfig, manifests: dict[str, dict]
     stored = folder.read_many(list(folder.list(RECORDS, suffix=".json")))
     records = {record["file"]: record for record in map(json.loads, stored.values())}
     sink = ParquetSink(folder)
+    present = set(folder.list(FILTERED)) | set(folder.list(WEBDATASET))
     for name, manifest in sorted(manifests.items()):
         record = records.get(name)
-        if record is None or record["data"] != _version(manifest) or record["views"] != _view_settings(output):
+        if (record is None or record["data"] != _version(manifest) or record["views"] != _view_settings(output)
+                or not _view_files(name, output) <= present):  # a view deleted since: its record alone is no view
             records[name] = publish_views(folder, output, name, sink.read(name), manifest)
-    for name in set(records) - set(manifests):
+    # Listed again: a file committed since `manifests` was read (by a run that started while this
+    # one was finishing) keeps its views and their record.
+    files = set(manifests) | set(sink.data_files())
+    for name in set(records) - files:
         folder.delete(f"{RECORDS}/{name.removesuffix('.parquet')}.json")
         del records[name]
-    stems = [name.removesuffix(".parquet") for name in manifests]
-    _delete_others(folder, FILTERED, {f"{FILTERED}/{s}.parquet" for s in stems} if output.filter else set())
-    _delete_others(folder, WEBDATASET, {f"{WEBDATASET}/{s}.tar" for s in stems} if output.webdataset else set())
-    return records
+    keep = {view for name in files for view in _view_files(name, output)}
+    for prefix in (FILTERED, WEBDATASET):
+        for name in set(folder.list(prefix)) - keep:
+            folder.delete(name)
+    return {name: record for name, record in records.items() if name in manifests}
 
 
-def _delete_others(folder: Folder, prefix: str, keep: set[str]) -> None:
-    for name in set(folder.list(prefix)) - keep:
-        folder.delete(name)
+def _view_files(name: str, output: OutputConfig) -> set[str]:
+    """The view files of data file `name` under the view settings of `output`."""
+    stem = name.removesuffix(".parquet")
+    return ({f"{FILTERED}/{name}"} if output.filter is not None else set()) | (
+        {f"{WEBDATASET}/{stem}.tar"} if output.webdataset else set())
 
 
 def _version(manifest: dict[str, Any]) -> dict[str, Any]:

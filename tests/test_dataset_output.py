@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import tarfile
+import time
 from collections import defaultdict
 
 import pandas as pd
@@ -17,9 +18,11 @@ import pytest
 
 from pipeline import run_caption_job
 from pipeline.job import CaptionJob, FilterConfig, JobConfigError, QualityConfig
+from pipeline.progress import JobProgress
 from pipeline.quality import FLAG_CODES, caption_flags, caption_words, has_repeated_ngram
-from pipeline.sink import output_table
-from pipeline.views import CARD_FILE, FILTERED, RECORDS, WEBDATASET, filtered_view
+from pipeline.sink import ParquetSink, file_summary, output_table
+from pipeline.storage import Folder
+from pipeline.views import CARD_FILE, FILTERED, RECORDS, WEBDATASET, filtered_view, finish_dataset, publish_views
 from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
     assert_each_key_once,
     job,
@@ -97,6 +100,44 @@ def test_each_of_several_captions_is_flagged_and_the_view_keeps_the_ones_that_pa
     assert view["captions"].to_pylist() == [["a red cat", "a big red cat"]]
     assert view["scores"].to_pylist()[0] == pytest.approx([-0.1, -0.5])
     assert view["captions_flags"].to_pylist() == [[[], []]]
+
+
+# --- views kept in step with the data files --------------------------------------------------
+
+
+def publish_data_file(folder: Folder, job: CaptionJob, name: str) -> None:
+    """Commit a data file of two rows as a run does: the file, its manifest, then its views."""
+    rows = pa.table({
+        "shard": [name] * 2, "seq": [0, 1], "key": [f"{name}/0", f"{name}/1"], "source": [name] * 2,
+        "width": [4] * 2, "height": [3] * 2, "error": [None, None], "meta": [pickle.dumps({})] * 2,
+        "image": pa.array([None] * 2, pa.binary()), "caption": ["a red cat", "a blue dog"],
+        "score": pa.array([-0.1, -0.2], pa.float32()),
+    })
+    table = output_table(rows, "m", multi=False, include_image=False)
+    info = {**file_summary(table, [name]), "run": "r1", "committed_at": time.time()}
+    size = ParquetSink(folder).write(name, table, info)
+    JobProgress(folder).write_commit(name, {**info, "size": size})
+    publish_views(folder, job.output, name, table, {**info, "size": size})
+
+
+def test_views_of_a_file_committed_while_a_run_finishes_survive(tmp_path):
+    folder, job = Folder(str(tmp_path)), CaptionJob.from_dict(spec(path=str(tmp_path), filter={}))
+    publish_data_file(folder, job, "part-a.parquet")
+    manifests = JobProgress(folder).reconcile(repair=False)  # what the finishing run knows
+    publish_data_file(folder, job, "part-b.parquet")  # committed since, by a run that started meanwhile
+
+    finish_dataset(folder, job, manifests, complete=False)
+    assert (tmp_path / FILTERED / "part-b.parquet").exists() and (tmp_path / RECORDS / "part-b.json").exists()
+    assert pq.read_table(tmp_path / FILTERED).num_rows == pq.read_table(tmp_path).num_rows == 4
+
+
+def test_a_view_whose_file_is_gone_is_built_again(tmp_path):
+    folder, job = Folder(str(tmp_path)), CaptionJob.from_dict(spec(path=str(tmp_path), filter={}))
+    publish_data_file(folder, job, "part-a.parquet")
+    (tmp_path / FILTERED / "part-a.parquet").unlink()  # its record stays
+
+    finish_dataset(folder, job, JobProgress(folder).reconcile(repair=False), complete=False)
+    assert pq.read_table(tmp_path / FILTERED / "part-a.parquet").num_rows == 2
 
 
 # --- the spec ---------------------------------------------------------------------------------

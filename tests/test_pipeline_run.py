@@ -10,8 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import JobMismatchError, job_status, run_caption_job
+from pipeline import ConcurrentRunError, JobMismatchError, job_status, run_caption_job
+from pipeline.progress import JOB_FILE, PLAN_FILE, JobProgress, new_run_record
 from pipeline.scenes import write_scenes
+from pipeline.storage import Folder
 from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
     assert_each_key_once,
     image_zoo,
@@ -102,10 +104,8 @@ def test_a_storage_outage_stops_the_run_and_the_next_run_resumes(tmp_path, tiny_
 
     from pipeline import runner
     from pipeline.captioner import resolve_model
-    from pipeline.progress import JobProgress
     from pipeline.runner import StorageUnavailableError
     from pipeline.sources import list_shards
-    from pipeline.storage import Folder
     from tests.conftest import S3Server
 
     streak = 2  # of 16: each failed shard waits out its retries (~9 s), and this test should not
@@ -232,6 +232,18 @@ def test_rerun_with_other_generation_settings_is_refused_unless_the_output_is_ne
         run_caption_job(job(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, generation={"num_beams": 3}))
     fresh = run_caption_job(job(str(tmp_path / "in"), str(tmp_path / "out2"), tiny_model, generation={"num_beams": 3}))
     assert fresh.images_ok == 3
+
+
+def test_a_run_that_gives_way_leaves_the_job_record_and_plan_alone(tmp_path, tiny_model):
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=2)
+    out = tmp_path / "out"
+    # A driver that registered first but whose record `check` did not see (one of this process:
+    # `check` takes it for a finished run's, `claim` does not), as if written just after the check.
+    JobProgress(Folder(str(out))).write_run({**new_run_record("first", False), "registered_at": 0})
+
+    with pytest.raises(ConcurrentRunError, match="being written by run first"):
+        run_caption_job(job(str(tmp_path / "in"), str(out), tiny_model, generation={"num_beams": 3}))
+    assert not (out / JOB_FILE).exists() and not (out / PLAN_FILE).exists()  # the first run's to write
 
 
 def test_retry_failed_replaces_error_rows_only(tmp_path, tiny_model):
