@@ -223,7 +223,10 @@ class GitModel(PretrainedModel):
             image = text.new_zeros(batch, 0, text.shape[-1])
         else:
             image = self.encode_image(pixel_values)
-            image = image.repeat_interleave(batch // image.shape[0], dim=0)
+            if batch % image.shape[0]:
+                raise ValueError(f"{batch} texts for {image.shape[0]} images: give a multiple of the images' number")
+            # More texts than images: the images are tiled (text i sees image i mod images), as transformers does.
+            image = image.repeat(batch // image.shape[0], 1, 1)
         n = image.shape[1]
         image_rows = torch.zeros(batch, 1, n, n + text_len, dtype=torch.bool, device=text.device)
         image_rows[..., :n] = True

@@ -72,6 +72,17 @@ def test_text_only_forward_matches(pair):
         torch.testing.assert_close(ours(ids).logits, reference(input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
+def test_more_texts_than_images_tile_the_images_as_transformers_does(pair):
+    reference, ours = pair
+    ids = torch.tensor([[101, 5, 6], [101, 7, 8], [101, 9, 10], [101, 11, 12]])
+    pixels = images(2, seed=13)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(ours(ids, pixel_values=pixels).logits, expected, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="3 texts for 2 images"):
+        ours(ids[:3], pixel_values=pixels)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_matches_including_early_eos(pair, seed):
     reference, ours = pair
