@@ -39,7 +39,7 @@ import posixpath
 import re
 import tarfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +70,7 @@ IMAGE_COLUMNS = ("image", "jpg", "png", "img")  # tried in this order, case-inse
 KEY_COLUMNS = ("key", "__key__", "id")
 
 MAX_TEXT_BYTES = 1 << 20  # larger non-image tar members are not metadata; they are skipped unread
-MAX_IMAGE_BYTES = 256 << 20  # a tar "image" larger than this is an error, not a memory spike
+MAX_IMAGE_BYTES = 256 << 20  # an image (tar member or file) larger than this is an error, not a memory spike
 MAX_BRACE_EXPANSION = 1_000_000
 _TAR_BLOCK_SIZE = 16 << 20  # read-ahead for streaming tars from object stores
 _PARQUET_BATCH_ROWS = 64  # image rows are large: keep batches small
@@ -160,19 +160,50 @@ def list_shards(
 
 def expand_braces(pattern: str) -> list[str]:
     """Shell-style brace expansion: `{a,b}` lists, `{0..10}` / `{00000..00999}` / `{0..10..2}`
-    ranges (zero padding kept), several and nested braces. Braces that are neither stay literal."""
+    ranges (zero padding kept), several and nested braces. Braces that are neither stay literal.
+    A pattern that would give over `MAX_BRACE_EXPANSION` paths is refused before any is made."""
+    count = _expansion_count(pattern, {})
+    if count > MAX_BRACE_EXPANSION:
+        raise SourceError(f"{pattern}: expands to over {MAX_BRACE_EXPANSION} paths ({count})")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     group = _first_brace_group(pattern)
     if group is None:
         return [pattern]
     start, end, alternatives = group
     head, tail = pattern[:start], pattern[end + 1 :]
-    expanded = [head + x for alt in alternatives for x in expand_braces(alt + tail)]
-    if len(expanded) > MAX_BRACE_EXPANSION:
-        raise SourceError(f"{pattern}: expands to over {MAX_BRACE_EXPANSION} paths")
+    expanded, tails = [], None
+    for alt in alternatives:
+        if "{" in alt:  # a nested group: it and the tail expand together
+            expanded += [head + x for x in _expand(alt + tail)]
+            continue
+        tails = _expand(tail) if tails is None else tails  # the same for every plain alternative
+        expanded += [head + alt + x for x in tails]
     return expanded
 
 
-def _first_brace_group(pattern: str) -> tuple[int, int, list[str]] | None:
+def _expansion_count(pattern: str, known: dict[str, int]) -> int:
+    """How many paths `_expand(pattern)` gives, without making them. An alternative without
+    braces gives as many as the tail after its group, so ranges cost one count of their tail,
+    and `known` counts each tail once however many alternatives share it."""
+    if pattern not in known:
+        group = _first_brace_group(pattern)
+        if group is None:
+            known[pattern] = 1
+        else:
+            _, end, alternatives = group
+            tail = pattern[end + 1 :]
+            braced = [] if isinstance(alternatives, _Numbers) else [alt for alt in alternatives if "{" in alt]
+            plain = len(alternatives) - len(braced)
+            known[pattern] = plain * _expansion_count(tail, known) + sum(
+                _expansion_count(alt + tail, known) for alt in braced
+            )
+    return known[pattern]
+
+
+def _first_brace_group(pattern: str) -> tuple[int, int, Sequence[str]] | None:
     """The first `{...}` that expands: its span and its alternatives."""
     search_from = 0
     while (start := pattern.find("{", search_from)) >= 0:
@@ -198,19 +229,31 @@ def _first_brace_group(pattern: str) -> tuple[int, int, list[str]] | None:
     return None
 
 
-def _numeric_range(inner: str) -> list[str] | None:
+@dataclass(frozen=True)
+class _Numbers(Sequence[str]):
+    """A brace range's numbers as text, made one at a time: `{0..99999999}` costs nothing to count."""
+
+    numbers: range
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]  (no slices needed)
+        return f"{self.numbers[index]:0{self.width}d}"
+
+
+def _numeric_range(inner: str) -> _Numbers | None:
     match = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", inner)
     if not match:
         return None
     first, last = int(match[1]), int(match[2])
     step = abs(int(match[3] or 1)) or 1
-    if abs(last - first) // step >= MAX_BRACE_EXPANSION:
-        raise SourceError(f"{{{inner}}}: expands to over {MAX_BRACE_EXPANSION} paths")
     # Like bash: a leading zero on either end pads every number to the longer end's width.
     padded = any(re.match(r"-?0\d", end) for end in (match[1], match[2]))
     width = max(len(match[1]), len(match[2])) if padded else 0
     numbers = range(first, last + 1, step) if first <= last else range(first, last - 1, -step)
-    return [f"{n:0{width}d}" for n in numbers]
+    return _Numbers(numbers, width)
 
 
 def _find(entry: str, fmt: str, options: dict) -> list[str]:
@@ -312,7 +355,7 @@ def _read_list_file(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The URLs a list file names; relative lines are relative to the list file's folder."""
     folder = _url(fs, posixpath.dirname(path))
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        text = fs.cat_file(path).decode("utf-8-sig")  # a BOM, as Windows editors write, is not part of a path
     except UnicodeDecodeError as err:
         message = f"a list file must be UTF-8 text, one path a line ({err})"
         raise SourceError(f"{_url(fs, path)}: {message}") from None
@@ -425,9 +468,15 @@ def _listing_errors(entry: str) -> Iterator[None]:
 
 def _filesystem(url: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return url_to_fs(url, **options)
+        fs, path = url_to_fs(url, **options)
     except (ImportError, ValueError) as err:  # e.g. gs:// without gcsfs, or an unknown scheme
         raise SourceError(f"{url}: no filesystem for this URL ({err})") from err
+    if isinstance(fs, LocalFileSystem):
+        # One local file has one name: `/d/./x.jpg` or `/d//x.jpg` must not be a second image
+        # (a second key) beside `/d/x.jpg`, nor miss it in a listing of `/d`. Object stores keep
+        # `.` and `//` in keys as they are.
+        path = posixpath.normpath(path)
+    return fs, path
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -712,10 +761,13 @@ def _image_cell(cell: Any, folder: str, options: dict) -> tuple[bytes | None, st
     except Exception as err:  # noqa: BLE001  (a cell naming an unknown scheme is bad data)
         return None, f"missing_file: image path {url} could not be read ({type(err).__name__}: {err})"
     try:
-        return fs.cat_file(file_path), None
+        data = _read_image_file(fs, file_path)
     except Exception as err:  # noqa: BLE001
         _raise_if_storage_failed(err, fs, url)
         return None, f"missing_file: image path {url} could not be read ({type(err).__name__}: {err})"
+    if isinstance(data, _TooLarge):
+        return None, f"image_too_large: image path {url} is {data.size} bytes"
+    return data, None
 
 
 def _read_images(shard: Shard, options: dict) -> Iterator[Record]:
@@ -725,13 +777,25 @@ def _read_images(shard: Shard, options: dict) -> Iterator[Record]:
         key = url[len(prefix) :] if prefix and url.startswith(prefix) else url
         fs, path = _shard_filesystem(url, options)
         try:
-            data = fs.cat_file(path)
+            data = _read_image_file(fs, path)
         except Exception as err:  # noqa: BLE001
             _raise_if_storage_failed(err, fs, url)
             reason = "missing_file" if isinstance(err, FileNotFoundError) else "read_failed"
             yield Record(key, url, None, {}, f"{reason}: {type(err).__name__}: {err}")
             continue
-        yield Record(key, url, data, {}, None)
+        if isinstance(data, _TooLarge):
+            yield Record(key, url, None, {}, f"image_too_large: {key} is {data.size} bytes")
+        else:
+            yield Record(key, url, data, {}, None)
+
+
+def _read_image_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes | _TooLarge:
+    """An image file's bytes; its size instead, unread, when it is over `MAX_IMAGE_BYTES` (as for
+    tar members: an error, not a memory spike). On object stores the size costs a HEAD request."""
+    size = fs.size(path)
+    if size is not None and size > MAX_IMAGE_BYTES:
+        return _TooLarge(size)
+    return fs.cat_file(path)
 
 
 def _shard_filesystem(uri: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:

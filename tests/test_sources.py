@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import sources
 from pipeline.sources import (
     Record,
     Shard,
@@ -109,6 +110,22 @@ def test_absurd_brace_range_is_refused():
         expand_braces("{0..99999999999}")
 
 
+@pytest.mark.parametrize("pattern, count", [
+    ("{0..3}{000..999}{000..999}", 4_000_000),  # each range small, their product not
+    ("{{a,b},{c,d}}" * 30, 4**30),  # nested lists: counted without walking every path
+], ids=["ranges", "nested lists"])
+def test_brace_pattern_over_the_limit_is_refused_before_it_is_expanded(pattern, count):
+    start = time.monotonic()
+    with pytest.raises(SourceError, match=rf"expands to over 1000000 paths \({count}\)"):
+        expand_braces(pattern)
+    assert time.monotonic() - start < 0.5  # expanding the first took 6.7 s and 626 MB
+
+
+def test_brace_pattern_at_the_limit_expands_in_order():
+    paths = expand_braces("{0..999}{000..999}")
+    assert len(paths) == 1_000_000 and paths[:2] == ["0000", "0001"] and paths[-1] == "999999"
+
+
 # --- listing: path forms ------------------------------------------------------------------------
 
 
@@ -157,6 +174,24 @@ def test_list_file_resolves_relative_lines_and_skips_comments(shard_dir, tmp_pat
         str(shard_dir / "00001.tar"),
         str(shard_dir / "more" / "00005.tar"),
     ]
+
+
+def test_list_file_with_a_byte_order_mark_reads_its_first_line(shard_dir):
+    listing = shard_dir / "list.txt"
+    listing.write_bytes("\ufeff00000.tar\r\n00001.tar\r\n".encode("utf-8"))  # as Notepad saves it
+    assert uris(list_shards(str(listing), "webdataset")) == [str(shard_dir / "00000.tar"), str(shard_dir / "00001.tar")]
+
+
+def test_local_paths_are_normalised_so_one_file_is_listed_once(shard_dir):
+    paths = [str(shard_dir), f"{shard_dir}/./00001.tar", f"{shard_dir}/sub/../00002.tar"]
+    assert uris(list_shards(paths, "webdataset")) == [str(shard_dir / f"{i:05d}.tar") for i in range(3)]
+    assert uris(list_shards(f"{shard_dir}//{{00000,00001}}.tar", "webdataset")) == [
+        str(shard_dir / "00000.tar"), str(shard_dir / "00001.tar")]
+
+
+def test_an_image_named_twice_is_one_image_with_one_key(photo_dir):
+    (shard,) = list_shards([str(photo_dir), f"{photo_dir}/./b.jpg", f"{photo_dir}//2020/c.webp"], "images")
+    assert [r.key for r in read_all(shard)] == ["2020/c.webp", "2020/d.gif", "a.PNG", "b.jpg"]
 
 
 def test_list_file_naming_a_missing_shard_fails(shard_dir):
@@ -411,6 +446,13 @@ def test_parquet_key_comes_from_an_id_column(tmp_path):
     assert [r.key for r in read_all(Shard(str(path), "parquet"))] == ["id-0", "id-1", "id-2"]
 
 
+def test_parquet_key_ending_like_a_shard_record_is_an_ordinary_sample(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_bytes(parquet_bytes(pa.table({"image": [JPEG], "key": ["x/__shard__"]})))
+    (record,) = read_all(Shard(str(path), "parquet"))
+    assert record.key == "x/__shard__" and record.data == JPEG and not record.shard_failure
+
+
 def test_parquet_binary_column_is_found_by_name_then_by_type(tmp_path):
     path = tmp_path / "p.parquet"
     table = pa.table({"url": ["u0", "u1"], "thumb": [b"t0", b"t1"], "jpg": pa.array([JPEG, None])})
@@ -440,6 +482,17 @@ def test_parquet_struct_with_only_a_path_reads_the_file_beside_it(tmp_path):
     ok, gone = read_all(Shard(str(path), "parquet"))
     assert ok.data == JPEG
     assert gone.data is None and gone.error.startswith("missing_file:")
+
+
+def test_parquet_path_cell_naming_a_file_over_the_size_limit_is_an_error_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", len(JPEG))
+    (tmp_path / "small.jpg").write_bytes(JPEG)
+    (tmp_path / "big.jpg").write_bytes(JPEG + b"more")
+    path = tmp_path / "p.parquet"
+    path.write_bytes(parquet_bytes(pa.table({"image": ["small.jpg", "big.jpg"]})))
+    small, big = read_all(Shard(str(path), "parquet"), image_column="image")
+    assert small.data == JPEG
+    assert big.data is None and big.error == f"image_too_large: image path {tmp_path}/big.jpg is {len(JPEG) + 4} bytes"
 
 
 @pytest.mark.parametrize(
@@ -517,6 +570,15 @@ def test_several_image_folders_share_one_root_so_keys_stay_unique(tmp_path):
     (shard,) = list_shards([str(tmp_path / "cam2"), str(tmp_path / "cam1")], "images")
     assert shard.uri == f"{tmp_path}#00000"
     assert [r.key for r in read_all(shard)] == ["cam1/IMG_0001.JPG", "cam2/IMG_0001.JPG"]
+
+
+def test_image_file_over_the_size_limit_is_an_error_record_not_read(photo_dir, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", len(JPEG) + len("b.jpg"))
+    (shard,) = list_shards(str(photo_dir), "images")
+    records = {r.key: r for r in read_all(shard)}
+    assert records["b.jpg"].data is not None and records["b.jpg"].error is None
+    big = records["2020/c.webp"]
+    assert big.data is None and big.error == f"image_too_large: 2020/c.webp is {len(JPEG) + 11} bytes"
 
 
 def test_image_deleted_after_listing_is_a_missing_file_record(photo_dir):
