@@ -256,6 +256,11 @@ def status_command(args: argparse.Namespace) -> int:
     except NoJobError as err:
         print(f"gitcap status: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001  (each storage raises its own: endpoint, credentials, ...)
+        from pipeline.storage import storage_error_cause
+
+        print(f"gitcap status: cannot read {output}: {storage_error_cause(err)}", file=sys.stderr)
+        return 1
     print(json.dumps(status.to_dict(), indent=1, default=str) if args.json else status.format())
     return 0
 

@@ -258,6 +258,11 @@ def finetune(
         train_pairs = [p for p in pairs if not held_out(p.key, eval_fraction)]
         eval_pairs = [p for p in pairs if held_out(p.key, eval_fraction)]
     eval_pairs = eval_pairs[:max_eval]
+    if pairs and not train_pairs:  # read some, held out every one
+        raise ValueError(
+            f"the eval fraction {eval_fraction} holds out all {len(pairs)} pairs read from {train_input}: nothing is "
+            "left to train on; lower it, or give held-out data of its own (the eval input)"
+        )
     if not train_pairs:
         raise ValueError(f"no image–caption pairs to train on in {train_input} ({train_stats})")
 

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.job import CaptionJob, JobConfigError
+from pipeline.job import CaptionJob, GenerationConfig, InputConfig, JobConfigError
 from pipeline.storage import storage_error_cause
+
+if TYPE_CHECKING:
+    from gitmodel.config import GitConfig
+    from gitmodel.hub import CheckpointFolder
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> CaptionJob:
@@ -91,6 +95,8 @@ def preflight(job: CaptionJob) -> PreflightReport:
     except SourceError as err:
         raise JobConfigError("input.path", str(err)) from None
     _read_first_bytes(shards[0], job.input.storage_options)
+    if job.input.format == "parquet":
+        _check_image_column(shards[0].uri, job.input)
     folder = _check_output(job.output.path, job.output.storage_options)
     JobProgress(folder).check(job)  # a rerun with other settings is refused here, not after Ray starts
     model_path, model_id = _check_model(job)
@@ -109,6 +115,27 @@ def _read_first_bytes(shard, storage_options: dict[str, Any]) -> None:
         raise JobConfigError("input.path", f"cannot read {url}: {storage_error_cause(err)}") from None
 
 
+def _check_image_column(url: str, spec: InputConfig) -> None:
+    """Find the first file's image column as the reader will: with a wrong `image_column`, every
+    file would become a failed source, and a rerun with the name fixed would be refused (the name is
+    part of the job's fingerprint)."""
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    from pipeline.sources import _image_column
+
+    try:
+        fs, path = url_to_fs(url, **spec.storage_options)
+        with fs.open(path, "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except Exception:  # noqa: BLE001  (it read a moment ago: so a damaged file, the run's to record as failed)
+        return
+    try:
+        _image_column(schema, spec.image_column)
+    except ValueError as err:
+        raise JobConfigError("input.image_column", f"{url} has {err}") from None
+
+
 def _check_output(url: str, storage_options: dict[str, Any]):
     from pipeline.storage import Folder
 
@@ -123,7 +150,6 @@ def _check_output(url: str, storage_options: dict[str, Any]):
 
 
 def _check_model(job: CaptionJob) -> tuple[str, str]:
-    from gitmodel.config import GitConfig
     from gitmodel.hub import CheckpointFolder
     from pipeline.captioner import resolve_model
 
@@ -140,10 +166,63 @@ def _check_model(job: CaptionJob) -> tuple[str, str]:
         raise JobConfigError("model.path", f"cannot open {path}: {storage_error_cause(err)}") from None
     if missing:
         raise JobConfigError("model.path", f"{path} is not a GIT checkpoint folder (no {' or '.join(missing)})")
-    positions = folder.read_json("config.json").get("max_position_embeddings", GitConfig.max_position_embeddings)
-    if job.generation.max_new_tokens > positions:  # [CLS] plus all but the last new token are fed back
+    positions = _read_config(folder).max_position_embeddings
+    _check_text_positions(job.generation, _prompt_length(folder, job.generation.prompt), positions, path)
+    return path, model_id
+
+
+def _read_config(folder: CheckpointFolder) -> GitConfig:
+    """config.json as the captioning workers will read it, or a model.path error."""
+    from gitmodel.config import GitConfig
+
+    try:
+        values = folder.read_json("config.json")
+    except ValueError as err:  # not JSON; it names the file
+        raise JobConfigError("model.path", str(err)) from None
+    except Exception as err:  # noqa: BLE001  (the storage failed)
+        cause = storage_error_cause(err)
+        raise JobConfigError("model.path", f"cannot read {folder.path}/config.json: {cause}") from None
+    if not isinstance(values, dict):
+        kind = type(values).__name__
+        raise JobConfigError("model.path", f"{folder.path}/config.json holds a {kind}, not a GIT config object")
+    try:
+        return GitConfig.from_dict(values)
+    except (AttributeError, TypeError, ValueError) as err:  # fields of the wrong type or value
+        raise JobConfigError("model.path", f"{folder.path}/config.json is not a GIT config: {err}") from None
+
+
+def _prompt_length(folder: CheckpointFolder, prompt: str | None) -> int:
+    """Tokens of the prompt that generation starts from: [CLS], then the prompt's, with no [SEP]."""
+    if prompt is None:
+        return 1
+    from gitmodel.processing import GitProcessor
+
+    try:
+        processor = GitProcessor.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001  (missing or malformed files, or the storage failed)
+        cause = storage_error_cause(err)
+        raise JobConfigError("model.path", f"cannot load the tokenizer of {folder.path}: {cause}") from None
+    input_ids, _ = processor.prompt_inputs(prompt, batch_size=1)  # as the captioning workers build it
+    return input_ids.shape[1]
+
+
+def _check_text_positions(generation: GenerationConfig, prompt_length: int, positions: int, path: str) -> None:
+    """Each of the prompt's tokens and all but the last new one take a text position of the model."""
+    if prompt_length + generation.max_new_tokens - 1 <= positions:
+        return
+    if generation.prompt is None:
         raise JobConfigError(
             "generation.max_new_tokens",
-            f"{job.generation.max_new_tokens} is more than {path} can generate: it has {positions} text positions",
+            f"{generation.max_new_tokens} is more than {path} can generate: it has {positions} text positions",
         )
-    return path, model_id
+    if prompt_length > positions:
+        raise JobConfigError(
+            "generation.prompt", f"{prompt_length} tokens with [CLS], more than the {positions} text positions "
+            f"of {path}: shorten it"
+        )
+    raise JobConfigError(
+        "generation.max_new_tokens",
+        f"{generation.max_new_tokens} is more than {path} can generate after generation.prompt, {prompt_length} "
+        f"tokens with [CLS]: it has {positions} text positions, so at most {positions - prompt_length + 1} new "
+        "tokens follow this prompt; lower it or shorten the prompt",
+    )

@@ -90,15 +90,30 @@ def test_a_model_that_cannot_load_fails_the_run_in_one_line(tmp_path, tiny_model
 
 
 def test_a_model_that_fails_on_every_image_stops_the_run_instead_of_writing_error_rows(tmp_path, tiny_model, capsys):
-    positions = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
+    import shutil
+
+    # A tokenizer from another checkpoint: the prompt's last word has an id beyond the model's
+    # vocabulary, which preflight does not check, so every image fails in the model.
+    mismatched = tmp_path / "mismatched-model"
+    shutil.copytree(tiny_model, mismatched)
+    (mismatched / "tokenizer.json").unlink()
+    with open(mismatched / "vocab.txt", "a", encoding="utf-8") as vocab:
+        vocab.write("zebra\n")
     write_scene_shards(tmp_path / "in", shards=2, per_shard=3)
-    # A long prompt leaves too few positions for max_new_tokens: every image fails in the model.
-    generation = {"prompt": "a question of many words that the tiny model reads", "max_new_tokens": positions - 2}
-    assert main(["run", spec(tmp_path, tiny_model, generation=generation), "--num-cpus", "2", "--no-progress"]) == 1
+    generation = {"prompt": "what is the zebra"}
+    assert main(["run", spec(tmp_path, str(mismatched), generation=generation), "--num-cpus", "2", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "gitcap run: failed: " in err and "CaptioningError: the model failed on each of the" in err
-    assert f"but this model has {positions} (max_position_embeddings)" in err
+    assert "index out of range" in err
     assert not list((tmp_path / "out").glob("*.parquet")), "no error rows were committed"
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_ray_starts(tmp_path, tiny_model, capsys):
+    positions = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    generation = {"prompt": "a question of many words that the tiny model reads", "max_new_tokens": positions - 2}
+    assert main(["run", spec(tmp_path, tiny_model, generation=generation)]) == 2
+    assert "generation.max_new_tokens: " in capsys.readouterr().err
 
 
 def test_demo_with_the_bundled_model_or_a_clear_message(tmp_path, capsys):
@@ -146,3 +161,25 @@ def test_a_dashboard_url_in_RAY_ADDRESS_leaves_demo_and_run_on_a_private_ray(tmp
     # Named on the command line, a dashboard is a mistake about what `run` joins.
     assert main(["run", spec(tmp_path, tiny_model), "--address", "http://127.0.0.1:9"]) == 2
     assert "`gitcap submit JOB.yaml --address http://127.0.0.1:9`" in capsys.readouterr().err
+
+
+def test_status_names_the_storage_failure_in_one_line(tmp_path, s3_server, s3_bucket, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    unreachable = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": nowhere},
+                   "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    assert main(["status", "s3://bucket/out", "--storage-options", json.dumps(unreachable)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gitcap status: cannot read s3://bucket/out: endpoint unreachable") and err.count("\n") == 1
+
+    anonymous = {"client_kwargs": s3_server.storage_options["client_kwargs"]}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert main(["status", f"s3://{s3_bucket}/out", "--storage-options", json.dumps(anonymous)]) == 1
+    err = capsys.readouterr().err
+    assert "no credentials found" in err and err.count("\n") == 1

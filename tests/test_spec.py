@@ -142,6 +142,61 @@ def test_preflight_refuses_more_new_tokens_than_the_model_has_positions(tmp_path
     preflight(CaptionJob.from_dict({**spec, "generation": {"max_new_tokens": positions}}))
 
 
+def test_preflight_counts_the_prompts_tokens_against_the_models_text_positions(tmp_path, tiny_model):
+    from gitmodel import GitProcessor
+
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    positions = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
+    prompt = "a question of many words that the tiny model reads"
+    length = GitProcessor.from_pretrained(tiny_model).prompt_inputs(prompt, 1)[0].shape[1]  # [CLS] + prompt
+    spec = minimal(tmp_path, tiny_model)
+
+    def job(**generation) -> CaptionJob:
+        return CaptionJob.from_dict({**spec, "generation": {"prompt": prompt, **generation}})
+
+    most = positions - length + 1
+    preflight(job(max_new_tokens=most))
+    err = error_of(preflight, job(max_new_tokens=most + 1))
+    assert err.field == "generation.max_new_tokens"
+    assert f"{length} tokens with [CLS]: it has {positions} text positions, so at most {most} new tokens" in str(err)
+    err = error_of(preflight, job(prompt=" ".join(["word"] * positions), max_new_tokens=1))
+    assert err.field == "generation.prompt" and f"more than the {positions} text positions" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[1, 2]", "config.json holds a list, not a GIT config object"), ("{nope", "config.json is not valid JSON"),
+     ('{"vision_config": [1]}', "config.json is not a GIT config: ")],
+)
+def test_preflight_names_a_config_json_that_is_not_a_git_config(tmp_path, tiny_model, text, message):
+    import shutil
+
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text(text)
+    err = error_of(preflight, CaptionJob.from_dict(minimal(tmp_path, str(model))))
+    assert err.field == "model.path" and message in str(err)
+
+
+def test_preflight_finds_the_parquet_image_column_as_the_reader_does(tmp_path, tiny_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.scenes import write_scenes
+
+    write_scenes(str(tmp_path / "in"), count=2, seed=0, format="parquet")
+    spec = {**minimal(tmp_path, tiny_model), "input": {"path": str(tmp_path / "in"), "format": "parquet"}}
+    preflight(CaptionJob.from_dict(spec))  # found by its type
+    preflight(CaptionJob.from_dict({**spec, "input": {**spec["input"], "image_column": "image"}}))
+    err = error_of(preflight, CaptionJob.from_dict({**spec, "input": {**spec["input"], "image_column": "imgae"}}))
+    assert err.field == "input.image_column" and "00000.parquet has no column 'imgae' (columns: " in str(err)
+
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"]}), tmp_path / "in" / "00000.parquet")
+    err = error_of(preflight, CaptionJob.from_dict(spec))
+    assert err.field == "input.image_column" and "has no image column" in str(err)
+
+
 def test_preflight_names_unreachable_storage(tmp_path, tiny_model):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
