@@ -98,8 +98,8 @@ class Shard:
 
 @dataclass
 class Record:
-    """One sample. `data` is None exactly when `error` ("reason_code: message") is set.
-    `shard_failure` marks the record that reports damage to the shard itself (its key ends in
+    """One sample. `data` is None exactly when `error` ("reason_code: message") is set; `key`
+    and `error` are valid UTF-8 (see `valid_utf8`). `shard_failure` marks the record that reports damage to the shard itself (its key ends in
     `/__shard__`, but so may a sample's)."""
 
     key: str
@@ -110,7 +110,8 @@ class Record:
     shard_failure: bool = False
 
     def __post_init__(self) -> None:
-        self.key, self.source = valid_utf8(self.key), valid_utf8(self.source)
+        # Text that names the sample (`source` stays the path it can be opened by).
+        self.key = valid_utf8(self.key)
         if self.error is not None:
             self.error = valid_utf8(self.error)
 

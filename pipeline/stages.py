@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.sources import KEY_COLUMNS, Record, Shard, ShardError, read_shard
+from pipeline.sources import KEY_COLUMNS, Record, Shard, ShardError, read_shard, valid_utf8
 
 PREPROCESS_CPUS = 0.5  # Ray CPUs each read+decode task reserves: a shard is part decoding, part waiting on storage
 
@@ -147,7 +147,7 @@ def preprocess_record(
     record: Record, seq: int, shard: Shard, processor: GitImageProcessor, config: PreprocessConfig
 ) -> dict[str, Any]:
     """One record as a row: a uint8 crop and the original size, or the reason there is none."""
-    row: dict[str, Any] = {"shard": shard.uri, "seq": seq, "key": record.key, "source": record.source}
+    row: dict[str, Any] = {"shard": shard.uri, "seq": seq, "key": record.key, "source": valid_utf8(record.source)}
     if record.shard_failure:
         # Damage to the shard itself: its counts belong in the message, not in metadata columns.
         counts = ", ".join(f"{k}={v}" for k, v in record.metadata.items())

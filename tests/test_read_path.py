@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 
 import fsspec
@@ -22,7 +23,7 @@ from s3fs.errors import translate_boto_error
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
-from pipeline.sources import Record, Shard, ShardError, read_shard
+from pipeline.sources import Record, Shard, ShardError, list_shards, read_shard
 from pipeline.stages import PreprocessConfig, ShardTask, preprocess_shard
 from tests.pipeline_fixtures import scene_jpeg, tar_bytes
 from tests.test_sources import latin1_tar
@@ -238,6 +239,13 @@ def test_a_tar_with_non_utf8_member_names_gives_rows_not_a_crash(tmp_path):
     rows, marker = preprocess(Shard(str(path), "webdataset"))
     assert [(r["key"], r["error"]) for r in rows] == [("l/caf\\xe9", None), ("l/ok", None)]
     assert marker["rows"] == 2
+
+
+def test_image_files_with_non_utf8_names_give_rows_with_valid_keys_and_sources(tmp_path):
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(scene_jpeg(0))
+    (shard,) = list_shards(str(tmp_path), "images")
+    rows, marker = preprocess(shard)
+    assert [(r["key"], r["source"], r["error"]) for r in rows] == [("caf\\xe9.jpg", f"{tmp_path}/caf\\xe9.jpg", None)]
 
 
 def test_a_sample_keyed_like_the_shard_record_is_an_ordinary_row(tmp_path):
