@@ -169,6 +169,15 @@ class GitImageProcessor:
             return self.size["height"], self.size["width"]
         return None
 
+    def fixed_output_size(self) -> tuple[int, int]:
+        """`output_size`, or a ValueError saying why crops vary in size (a model needs one size to batch)."""
+        if self.output_size is None:
+            raise ValueError(
+                f"this image processor gives crops of varying sizes (do_center_crop={self.do_center_crop}, "
+                f"size={self.size}): GIT needs do_center_crop, or do_resize to a fixed {{'height', 'width'}}"
+            )
+        return self.output_size
+
     def to_uint8(self, image: ImageInput) -> np.ndarray:
         """RGB conversion, resize and centre crop: an (H, W, 3) uint8 array, ready for `normalize`."""
         rgb = _to_rgb(_open(image))

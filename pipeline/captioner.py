@@ -83,7 +83,11 @@ class Captioner:
         self.prompt, self.seed = config.prompt, config.seed
         self.generate_kwargs = config.generate_kwargs
         self.num_return_sequences = int(config.generate_kwargs.get("num_return_sequences", 1))
-        self.crop_shape = (*self.processor.image_processor.output_size, 3)
+        # Beam search returns each image's sequences ranked; samples come unordered.
+        self.ranked = (config.generate_kwargs.get("num_beams") or self.model.generation_config.num_beams) > 1
+        eos = config.generate_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        self.eos_ids = torch.as_tensor(eos, dtype=torch.long, device=self.device).reshape(-1)
+        self.crop_shape = (*self.processor.image_processor.fixed_output_size(), 3)
         self.metrics = CaptionMetrics(config.model_id or model_path)
         self.tokens_generated = 0  # by `caption`, since the last batch
         # After running out of memory, the most images this device has been seen to caption at once:
@@ -130,13 +134,17 @@ class Captioner:
             if len(keys) == 1:
                 return [(None, None, f"caption_failed: {type(err).__name__}: {err}")]
             half = len(keys) // 2
-            if isinstance(err, torch.OutOfMemoryError):  # the larger half is the most that may fit
+            # torch.cuda's name: torch.OutOfMemoryError, the same class, is new in torch 2.5.
+            if isinstance(err, torch.cuda.OutOfMemoryError):  # the larger half is the most that may fit
                 self.images_that_fit = min(len(keys) - half, self.images_that_fit or len(keys))
             return self._caption_or_split(crops[:half], keys[:half]) + self._caption_or_split(crops[half:], keys[half:])
 
     @torch.inference_mode()
     def caption(self, crops: np.ndarray, keys: list[str]) -> tuple[list[list[str]], list[list[float]]]:
-        """Captions for uint8 crops (B, H, W, 3): per image, `num_return_sequences` texts best first."""
+        """Captions for uint8 crops (B, H, W, 3): per image, `num_return_sequences` texts best first, with
+        their scores (mean token log-probs). Best is generate's ranking for beam search (summed log-prob
+        over length ** length_penalty, as transformers ranks beams), so there the scores need not descend;
+        samples have no ranking and go by score."""
         n = len(keys)
         padded = self._padded_size(n)
         if padded > n:  # copies of the last image, whose captions are dropped below
@@ -150,11 +158,11 @@ class Captioner:
             seed=seeds.to(self.device), return_dict=True, **self.generate_kwargs,
         )
         sequences = out.sequences[: n * self.num_return_sequences]
-        new_tokens = sequences[:, input_ids.shape[1]:]
-        self.tokens_generated += int((new_tokens != self.processor.tokenizer.pad_token_id).sum())
+        self.tokens_generated += generated_tokens(sequences[:, input_ids.shape[1]:], self.eos_ids)
         texts = [t.strip() for t in self.processor.answers(sequences.cpu(), input_ids)]
         values = out.scores[: len(sequences)].float().cpu().numpy().reshape(n, self.num_return_sequences)
-        order = np.argsort(-values, axis=1, kind="stable")  # sampling returns draws unordered
+        ranking = np.tile(np.arange(self.num_return_sequences), (n, 1))
+        order = ranking if self.ranked else np.argsort(-values, axis=1, kind="stable")
         texts_by_image = np.array(texts, dtype=object).reshape(n, self.num_return_sequences)
         return (
             [list(texts_by_image[i, order[i]]) for i in range(n)],
@@ -177,6 +185,15 @@ class Captioner:
             table = table.append_column("captions", pa.array(captions, pa.list_(pa.string())))
             table = table.append_column("scores", pa.array(scores, pa.list_(pa.float32())))
         return table
+
+
+def generated_tokens(new_tokens: torch.Tensor, eos_ids: torch.Tensor) -> int:
+    """Tokens generated, each row counted up to and including its first EOS. What follows is filler,
+    not generated: pad after a greedy or sampled row's EOS, EOS again after a beam's (transformers
+    fills beams with pad, or EOS when pad is 0)."""
+    is_eos = torch.isin(new_tokens, eos_ids)
+    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, new_tokens.shape[1])
+    return int(lengths.sum())
 
 
 def stacked_crops(pixels: pa.ChunkedArray, rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
