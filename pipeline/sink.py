@@ -50,9 +50,10 @@ RESERVED = frozenset(f.name for f in BASE_FIELDS + QUALITY_FIELDS + MULTI_FIELDS
 
 
 def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool,
-                 quality: QualityConfig | None = None) -> pa.Table:
+                 quality: QualityConfig | None = None, metadata_types: dict[str, pa.DataType] | None = None) -> pa.Table:
     """Captioner rows (markers removed) as output rows, in (shard, seq) order, flagged by `quality`
-    (default thresholds when None)."""
+    (default thresholds when None). `metadata_types`: the source's own column types (a Parquet
+    input's schema), which every data file keeps whatever values its rows happen to hold."""
     rows = rows.take(pc.sort_indices(rows, [("shard", "ascending"), ("seq", "ascending")]))
     columns: dict[str, pa.Array] = {f.name: rows[f.name].cast(f.type) for f in BASE_FIELDS if f.name != "model"}
     columns["model"] = pa.array([model_id] * rows.num_rows, pa.string())
@@ -67,13 +68,13 @@ def output_table(rows: pa.Table, model_id: str, multi: bool, include_image: bool
         image, key = rows["image"].combine_chunks(), rows["key"].combine_chunks()
         columns["image"] = pa.StructArray.from_arrays([image, key], fields=list(IMAGE_STRUCT))
         fields.append(pa.field("image", IMAGE_STRUCT))
-    for name, values in _metadata_columns(rows["meta"].to_pylist()).items():
+    for name, values in _metadata_columns(rows["meta"].to_pylist(), metadata_types or {}).items():
         columns[name] = values
         fields.append(pa.field(name, values.type))
     return pa.Table.from_arrays([columns[f.name] for f in fields], schema=pa.schema(fields))
 
 
-def _metadata_columns(pickled: list[bytes | None]) -> dict[str, pa.Array]:
+def _metadata_columns(pickled: list[bytes | None], types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
     records = [pickle.loads(p) if p is not None else {} for p in pickled]
     names = list(dict.fromkeys(name for record in records for name in record))
     columns = {}
@@ -82,12 +83,20 @@ def _metadata_columns(pickled: list[bytes | None]) -> dict[str, pa.Array]:
         column = name
         while column in RESERVED or column in columns:
             column = f"source_{column}"
-        columns[column] = _array(values)
+        columns[column] = _array(values, types.get(name))
     return columns
 
 
-def _array(values: list[Any]) -> pa.Array:
-    """Arrow's own type for the values; text when they disagree; never the untyped null type."""
+def _array(values: list[Any], known: pa.DataType | None = None) -> pa.Array:
+    """The values as the source's own type where known: readers take a folder's schema from one
+    file and fail on a file whose types differ, and a batch of rows alone cannot tell (a nullable
+    float column with only nulls in one file). Else Arrow's own type for the values; text when
+    they disagree; never the untyped null type."""
+    if known is not None:
+        try:
+            return pa.array(values, known)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass  # input files whose schemas differ: this file's own types, as below
     try:
         array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
