@@ -51,17 +51,22 @@ def _canonical_type(name: str | None) -> str:
 
 
 def _size_dict(size: Any) -> dict[str, int]:
-    """Legacy `size`: an int is the shortest edge (both processors resize without squaring)."""
+    """Legacy `size`: an int is the shortest edge (both processors resize without squaring). A shortest
+    edge may come with a longest edge that caps the other side."""
     if isinstance(size, int):
         return {"shortest_edge": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:
         return {"height": int(size[0]), "width": int(size[1])}
     if isinstance(size, dict) and ("shortest_edge" in size or {"height", "width"} <= size.keys()):
         if size.get("shortest_edge") is not None:
-            return {"shortest_edge": int(size["shortest_edge"])}
+            edges = {"shortest_edge": int(size["shortest_edge"])}
+            if size.get("longest_edge"):  # transformers ignores a null or zero longest edge
+                edges["longest_edge"] = int(size["longest_edge"])
+            return edges
         return {"height": int(size["height"]), "width": int(size["width"])}
     raise ValueError(
-        f"unsupported size {size!r}: expected an int, (height, width), {{'shortest_edge'}} or {{'height', 'width'}}"
+        f"unsupported size {size!r}: expected an int, (height, width), {{'shortest_edge'[, 'longest_edge']}} "
+        "or {'height', 'width'}"
     )
 
 
@@ -196,11 +201,19 @@ class GitImageProcessor:
     def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
         if "height" in self.size:
             return self.size["height"], self.size["width"]
-        # transformers' get_resize_output_image_size: the long side is truncated, not rounded.
-        target = self.size["shortest_edge"]
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(target * long / short)
-        return (new_long, target) if width <= height else (target, new_long)
+        # transformers' get_size_with_aspect_ratio, in its float order: the long side is truncated, not
+        # rounded. When the long side would pass longest_edge, the short side is what fits, rounded, and
+        # the long side is scaled from the unrounded value; a short side already at its target stays as is.
+        target = scale = self.size["shortest_edge"]
+        short, long = min(height, width), max(height, width)
+        longest = self.size.get("longest_edge")
+        if longest and long / short * target > longest:
+            scale = longest * short / long
+            target = int(round(scale))
+        if short == target:
+            return height, width
+        new_long = int(scale * long / short)
+        return (new_long, target) if width < height else (target, new_long)
 
     # ------------------------------------------------ device half: uint8 → float
 
@@ -251,7 +264,14 @@ class GitImageProcessor:
     def preprocess(
         self, images: ImageInput | Sequence[ImageInput], return_tensors: str | None = "pt"
     ) -> dict[str, Any]:
-        """One image or a list of images → {"pixel_values": (B, 3, H, W) float32}."""
+        """One image or a list of images → {"pixel_values": (B, 3, H, W) float32}.
+
+        A VideoMAE processor (video checkpoints) takes a list of images as the frames of one video and
+        gives (1, F, 3, H, W), as transformers' does: that is how its docs caption a video,
+        `processor(images=frames)`. Nested lists are several videos (see `_as_videos`).
+        """
+        if self.image_processor_type == "VideoMAEImageProcessor":
+            return self.preprocess_videos(_as_videos(images), return_tensors)
         if not isinstance(images, (list, tuple)):
             images = [images]
         crops = _stack([self.to_uint8(image) for image in images])
@@ -269,6 +289,21 @@ class GitImageProcessor:
             raise ValueError(f"all videos need the same number of frames, got {[len(v) for v in videos]}")
         crops = _stack([_stack([self.to_uint8(frame) for frame in video]) for video in videos])
         return {"pixel_values": _as_return_type(self.normalize(crops), return_tensors)}
+
+
+def _as_videos(images: Any) -> list[list[ImageInput]]:
+    """transformers' `make_nested_list_of_images`, which its VideoMAE processor applies to any input: a list
+    of lists is a list of videos, as is a list of (F, H, W, C) arrays; a list of images, or one such array,
+    is one video; a single image is a one-frame video."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return [list(images)]
+    if not isinstance(images, (list, tuple)):
+        return [[images]]
+    if images and all(isinstance(video, (list, tuple)) for video in images):
+        return [list(video) for video in images]
+    if images and all(isinstance(video, np.ndarray) and video.ndim == 4 for video in images):
+        return [list(video) for video in images]
+    return [list(images)]
 
 
 def _three(values: Any, name: str) -> list[float]:

@@ -139,6 +139,7 @@ def test_transparency_is_composited_on_white():
         {"size": 32, "crop_size": 32, "do_normalize": False},
         {"size": 32, "crop_size": 32, "do_rescale": False, "do_normalize": False},
         {"size": 32, "crop_size": 32, "resample": 1, "rescale_factor": 0.5 / 255},
+        {"size": {"shortest_edge": 32, "longest_edge": 40}, "crop_size": 32},  # 53x37 is capped: 40x28
     ],
 )
 def test_config_variants_equal_transformers(config):
@@ -147,6 +148,14 @@ def test_config_variants_equal_transformers(config):
     if not ours.do_center_crop and "height" not in ours.size:
         images = images[:1]
     assert torch.equal(ours(images)["pixel_values"].float(), _hf_pixels(hf, images).float())
+
+
+@pytest.mark.parametrize("longest_edge", [33, 40, 64])
+def test_longest_edge_caps_the_resize_as_in_transformers(longest_edge):
+    ours, hf = _clip(size={"shortest_edge": 32, "longest_edge": longest_edge}, do_center_crop=False)
+    for width, height in [(53, 37), (37, 53), (32, 90), (90, 31), (41, 40), (200, 7), (32, 32), (20, 10)]:
+        image = Image.fromarray(_noise(width, height))
+        assert torch.equal(ours(image)["pixel_values"], _hf_pixels(hf, image)), (width, height)
 
 
 def test_to_uint8_equals_transformers_resize_and_crop():
@@ -359,6 +368,18 @@ def test_saved_processor_loads_in_transformers_with_the_same_outputs(tiny_folder
     assert reloaded.batch_decode(got["input_ids"], skip_special_tokens=True) == theirs.batch_decode(
         expected["input_ids"], skip_special_tokens=True
     )
+
+
+def test_videomae_processor_takes_images_as_the_frames_of_one_video_as_transformers_does(tmp_path):
+    """transformers' docs caption a video with `processor(images=frames)`: one video, not a caption per frame."""
+    folder = save_tiny_processor(tmp_path / "video", image_size=32, processor_type="videomae")
+    ours, theirs = GitProcessor.from_pretrained(folder), transformers.GitProcessor.from_pretrained(folder)
+    frames = [Image.fromarray(_noise(50, 40, seed=s)) for s in range(3)]
+    arrays = np.stack([_noise(50, 40, seed=s) for s in range(3)])  # (F, H, W, 3)
+    for images in (frames, frames[0], [frames, frames[::-1]], arrays, [arrays, arrays[::-1]], list(arrays)):
+        expected = theirs(images=images, return_tensors="pt")["pixel_values"]
+        assert expected.ndim == 5
+        assert torch.equal(ours(images=images)["pixel_values"], expected)
 
 
 def test_videomae_processor_folder_gives_video_pixel_values(tmp_path):
