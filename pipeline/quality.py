@@ -15,14 +15,20 @@ pipeline.views). The codes, always in this order:
                     on a beach") is ordinary English and is not flagged.
     low_score       score (mean token log-prob) below output.quality.min_score, when that is set
 
-Words are runs of letters and digits (an apostrophe inside a word keeps it whole), compared
-without regard to case; punctuation is not a word. An error row has no caption, so its `words`,
-`flags` and `captions_flags` are null: "not assessed", which an empty list would misstate as "fine".
+Words are runs of letters, combining marks and digits (Unicode categories L, M and N: a Devanagari
+vowel sign or an accent written as a combining mark is part of its word), compared without regard
+to case; punctuation is not a word. An apostrophe inside a word keeps it whole, and so does one
+that decoding spaced out: BERT's tokenizer decodes "man's" as "man ' s" and "isn't" as "isn ' t",
+so an apostrophe between spaces that is followed by an English clitic (s, t, re, ve, ll, d, m)
+is joined back ("man's" is one word; "the dogs ' toys" is three). An error row has no caption, so
+its `words`, `flags` and `captions_flags` are null: "not assessed", which an empty list would
+misstate as "fine".
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -31,12 +37,21 @@ if TYPE_CHECKING:
     from pipeline.job import QualityConfig
 
 FLAG_CODES = ("empty", "too_short", "too_long", "repeated_ngram", "low_score")
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+_APOSTROPHES = "'’"
+# Applied once every character that is neither a word character nor an apostrophe is a space.
+_DETACHED_CLITIC = re.compile(r"(?<=[^\s'’]) ['’] (?=(?:s|t|re|ve|ll|d|m)(?![^\s'’]))", re.IGNORECASE)
+_WORD = re.compile(r"[^\s'’]+(?:['’][^\s'’]+)*")
 
 
 def caption_words(caption: str) -> list[str]:
     """The caption's words, lower-cased."""
-    return [word.lower() for word in _WORD.findall(caption)]
+    kept = "".join(ch if _is_word_character(ch) or ch in _APOSTROPHES else " " for ch in caption)
+    return [word.lower() for word in _WORD.findall(_DETACHED_CLITIC.sub("'", kept))]
+
+
+def _is_word_character(ch: str) -> bool:
+    """Letters, marks (combining accents, vowel signs) and numbers; `\\w` would split at marks."""
+    return unicodedata.category(ch)[0] in "LMN"
 
 
 def has_repeated_ngram(words: list[str]) -> bool:
