@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.job import QualityConfig
 from pipeline.quality import captions_flags_column, quality_columns
+from pipeline.sources import is_shard_failure
 from pipeline.storage import Folder
 
 FOOTER_KEY = b"gitcap"
@@ -109,8 +110,8 @@ def file_summary(table: pa.Table, shards: list[str]) -> dict[str, Any]:
     errors = [e for e in table["error"].to_pylist() if e is not None]
     failed_sources = [
         {"shard": source, "error": error}
-        for key, source, error in zip(table["key"].to_pylist(), table["source"].to_pylist(), table["error"].to_pylist())
-        if error is not None and key.endswith("/__shard__")
+        for source, error in zip(table["source"].to_pylist(), table["error"].to_pylist())
+        if is_shard_failure(error)
     ]
     with_errors = sorted({s for s, e in zip(table["source"].to_pylist(), table["error"].to_pylist()) if e is not None})
     return {

@@ -96,6 +96,14 @@ class Shard:
     files: tuple[str, ...] = ()
 
 
+SHARD_FAILURE_REASONS = ("shard_unreadable", "shard_ungrouped")  # only shard-failure records carry these
+
+
+def is_shard_failure(error: str | None) -> bool:
+    """Whether an output row's `error` reports damage to its shard rather than to one sample."""
+    return error is not None and error.split(":", 1)[0] in SHARD_FAILURE_REASONS
+
+
 @dataclass
 class Record:
     """One sample. `data` is None exactly when `error` ("reason_code: message") is set; `key`

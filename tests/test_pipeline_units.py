@@ -17,7 +17,7 @@ from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
 from pipeline.captioner import Captioner, CaptionerConfig, CaptioningError, image_seed, stacked_crops
 from pipeline.runner import ShardAssembler
-from pipeline.sink import output_table
+from pipeline.sink import file_summary, output_table
 from pipeline.sources import Record, Shard, ShardError
 from pipeline.stages import PreprocessConfig, ShardTask, preprocess_shard
 from pipeline.storage import Folder
@@ -84,14 +84,6 @@ def test_a_storage_failure_is_retried_then_reported_on_the_marker(monkeypatch):
     assert len(calls) == stages.STORAGE_ATTEMPTS
     assert [r["seq"] for r in rows.to_pylist()] == [0, -1]  # the retries did not repeat record 0
     assert "storage failed" in rows.to_pylist()[-1]["marker"]
-
-
-def test_shard_damage_keeps_its_counts_in_the_message_not_in_columns():
-    row = stages.preprocess_record(
-        Record("s/__shard__", "x.tar", None, {"samples": 3, "late_members": 0}, "shard_unreadable: ReadError"),
-        7, Shard("x.tar", "webdataset"), None, preprocess_config(),
-    )
-    assert row["error"] == "shard_unreadable: ReadError (samples=3, late_members=0)" and "meta" not in row
 
 
 # --- shard assembly on the driver -------------------------------------------------------------
@@ -228,6 +220,21 @@ def test_metadata_columns_keep_their_types_and_never_shadow_ours():
     assert table["source_caption"].to_pylist() == ["t2", "truth"]
     assert table.schema.field("n").type == pa.int64() and table.schema.field("maybe").type == pa.string()
     assert table["mixed"].to_pylist() == ['"x"', "1"]
+
+    # The source's own types, where known (a Parquet input's schema), hold whatever the rows hold:
+    # readers take a folder's schema from one file and fail on another whose types differ.
+    typed = output_table(rows, "model-x", multi=False, include_image=False,
+                         metadata_types={"maybe": pa.float64(), "n": pa.int16(), "mixed": pa.int64()})
+    assert typed.schema.field("maybe").type == pa.float64() and typed.schema.field("n").type == pa.int16()
+    assert typed.schema.field("mixed").type == pa.string()  # input files that disagree: this file's own types
+
+
+def test_only_shard_failures_count_as_failed_sources():
+    table = pa.table({"key": ["a/__shard__", "a/x", "a/__shard__"], "source": ["a.tar"] * 3,
+                      "error": ["missing_image: no image member", None, "shard_unreadable: ReadError"]})
+    summary = file_summary(table, ["a.tar"])
+    assert summary["failed_sources"] == [{"shard": "a.tar", "error": "shard_unreadable: ReadError"}]
+    assert (summary["ok"], summary["failed"]) == (1, 1)  # a sample keyed like the shard record is a sample
 
 
 # --- publishing -------------------------------------------------------------------------------
