@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.job import CaptionJob
 
 USAGE_ERROR = 2  # argparse's own exit status for bad arguments; ours match it
 STOPPED = 128 + 15  # stopped by SIGTERM: what a shell reports for a process that SIGTERM ended
@@ -123,7 +127,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 # --- gitcap submit, logs, stop: jobs on a running Ray cluster ---------------------------------
 
-ADDRESS_HELP = "the head node's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+ADDRESS_HELP = ("the head node's dashboard, e.g. http://HEAD:8265 (HEAD:8265 means the same; default: $RAY_ADDRESS, "
+                "else http://127.0.0.1:8265)")
 
 
 def add_submit_parser(subparsers) -> None:
@@ -132,8 +137,9 @@ def add_submit_parser(subparsers) -> None:
         help="submit a captioning job to a Ray cluster (the cluster needs no gitcap installed)",
         description="Check JOB.yaml here (spec, input, output, model), then submit `gitcap run` of it to the "
         "cluster through the Ray Jobs API, with gitcap and the spec shipped along, and print the submission "
-        "id. Submitting the same job again resumes it. With token authentication, set RAY_AUTH_MODE=token "
-        "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).",
+        "id. Submitting the same job again resumes it. This machine's storage endpoints and region (AWS_ENDPOINT_URL, "
+        "AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_DEFAULT_REGION, HF_ENDPOINT) go with the job; credentials do not. "
+        "With token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).",
     )
     parser.add_argument("spec", metavar="JOB.yaml", help="the job spec")
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
@@ -141,16 +147,21 @@ def add_submit_parser(subparsers) -> None:
                         help="override a spec value (YAML), e.g. --set compute.workers=4; repeatable")
     parser.add_argument("--follow", action="store_true",
                         help="print the job's output until it ends; exit with the job's exit status")
+    parser.add_argument("--allow-inline-credentials", action="store_true",
+                        help="send secrets written in the spec's storage_options (key, secret, token, ...) to the "
+                        "cluster, in plain text in the uploaded job.yaml; without it such a spec is refused")
     parser.set_defaults(run=submit_command)
 
 
 def submit_command(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec, preflight
-    from jobs.submit import check_cluster_paths, connect, follow_logs, release_ended_run, submit_job
+    from jobs.submit import (check_cluster_paths, connect, follow_logs, forwarded_env, release_ended_run,
+                             submit_job)
     from pipeline.progress import ConcurrentRunError
 
     job = load_spec(args.spec, args.overrides)
     check_cluster_paths(job)
+    _check_inline_credentials(job, args.allow_inline_credentials)
     client = connect(args.address)
     try:
         preflight(job)  # bad specs and storage fail here, before anything is submitted
@@ -160,13 +171,35 @@ def submit_command(args: argparse.Namespace) -> int:
             raise  # a run that is alive holds the output
         print(f"run {released} holds no lease any more: its driver on the cluster has ended")
         preflight(job)
-    submission_id = submit_job(client, job)
+    env_vars = forwarded_env()
+    submission_id = submit_job(client, job, env_vars)
     print(f"submitted {submission_id} to {client.get_address()}")
+    if env_vars:
+        print("with this machine's storage settings: " + ", ".join(f"{k}={v}" for k, v in env_vars.items()))
     if not args.follow:
         print(f"follow: gitcap logs {submission_id} --follow; stop: gitcap stop {submission_id}; "
               f"progress: gitcap status {job.output.path}")
         return 0
     return _report_end(args, follow_logs(client, submission_id, _write_through))
+
+
+def _check_inline_credentials(job: CaptionJob, allowed: bool) -> None:
+    """Refuse secrets in the spec, unless allowed: submit would send them in plain text."""
+    from jobs.submit import inline_credentials
+    from pipeline.job import JobConfigError
+
+    fields = inline_credentials(job)
+    if fields and allowed:
+        print(f"gitcap submit: warning: {', '.join(fields)} go to the cluster in plain text, in the uploaded "
+              "job.yaml (--allow-inline-credentials)", file=sys.stderr)
+    elif fields:
+        others = f"; so would {', '.join(fields[1:])}" if fields[1:] else ""
+        raise JobConfigError(
+            fields[0], f"a secret, which submit would send to the cluster in plain text, in the job.yaml it uploads "
+            f"and the cluster keeps{others}. Give the cluster its own credentials (an IAM role or instance profile, "
+            "workload identity, a Kubernetes secret as environment variables of its pods), or pass "
+            "--allow-inline-credentials"
+        )
 
 
 def add_logs_parser(subparsers) -> None:
@@ -202,20 +235,19 @@ def add_stop_parser(subparsers) -> None:
 
 
 def stop_command(args: argparse.Namespace) -> int:
-    from jobs.submit import connect, stop_job
+    from jobs.submit import connect, describe_end, stop_job
 
     details = stop_job(connect(args.address), args.submission_id)
-    print(f"{args.submission_id}: {details.status}" + (f" ({details.message})" if details.message else ""))
+    print(f"{args.submission_id}: {describe_end(details)}")
     return 0 if details.status.is_terminal() else 1
 
 
 def _report_end(args: argparse.Namespace, details) -> int:
-    from jobs.submit import exit_status
+    from jobs.submit import describe_end, exit_status
 
     status = exit_status(details)
     if status:
-        print(f"gitcap {args.command}: job {details.submission_id} {details.status}: {details.message}",
-              file=sys.stderr)
+        print(f"gitcap {args.command}: job {details.submission_id} {describe_end(details)}", file=sys.stderr)
     return status
 
 

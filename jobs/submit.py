@@ -1,10 +1,11 @@
 """Captioning jobs on a running Ray cluster, through the Ray Jobs API: submit, logs, stop.
 
 A submitted job carries all it needs: gitcap's three packages travel as `py_modules` (the cluster
-needs Ray, torch and gitcap's dependencies, not gitcap), and the resolved spec (`--set` applied) as
-`job.yaml` in the job's working dir. Its driver is `gitcap run job.yaml`, which joins the cluster
+needs Ray, torch and gitcap's dependencies, not gitcap); the resolved spec (`--set` applied) as
+`job.yaml` in the job's working dir; this machine's storage endpoints and region (`FORWARDED_ENV`)
+as its environment. Its driver is `gitcap run job.yaml`, which joins the cluster
 through the `RAY_ADDRESS` that Ray gives it and resumes from the output folder, so resubmitting a
-job resumes it.
+job resumes it. Secrets in the spec are refused unless the user allows them (`inline_credentials`).
 
 The driver asks for no resources, which makes Ray run it on the head node: every driver of a job
 then runs on one host, where the run lease (`pipeline.progress.JobProgress.active_run`) tells a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from jobs.cli import STOPPED
 from pipeline.job import CaptionJob, JobConfigError
 
 if TYPE_CHECKING:
@@ -39,6 +42,20 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SPEC_FILE = "job.yaml"
 ENTRYPOINT = f"python -m jobs.cli run {SPEC_FILE} --no-progress"
 
+# Settings that say where the data is, never who may read it: preflight used them here, so the
+# driver and workers must use them there. botocore reads the AWS ones (an S3-compatible store's
+# endpoint, the region), huggingface_hub HF_ENDPOINT (a hub mirror, for hf:// models). Not
+# AWS_PROFILE: it names a section of this machine's files.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_ENDPOINT")
+
+# storage_options names that hold a secret: s3fs's key, secret and token (and botocore's
+# aws_access_key_id, ... in client_kwargs), gcsfs's token, adlfs's account_key, sas_token,
+# connection_string and client_secret, any private key and any password.
+SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "account_key", "private_key",
+                "connection_string")
+# gcsfs's `token` may name a way to find credentials instead of holding them.
+TOKEN_MODES = ("anon", "google_default", "cache", "cloud", "browser")
+
 
 class ClusterError(OSError):
     """The cluster cannot be reached, refuses us, or has no such job: one line for the user.
@@ -46,8 +63,15 @@ class ClusterError(OSError):
 
 
 def cluster_address(address: str | None = None) -> str:
-    """`address`, else `$RAY_ADDRESS`, else the dashboard on this machine."""
-    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    """`address`, else `$RAY_ADDRESS`, else the dashboard on this machine; HOST:PORT is taken as
+    http://HOST:PORT.
+
+    Ray's client takes a bare HOST:PORT for the cluster's own (GCS) address and asks it where the
+    dashboard is: given the dashboard's HOST:PORT, that waits ~35 s and fails with an RpcError.
+    gitcap's address is the dashboard's, so a bare one gets the scheme the dashboard speaks; "auto"
+    (the cluster `ray start` left on this machine) stays Ray's."""
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    return address if "://" in address or address == "auto" else f"http://{address}"
 
 
 def connect(address: str | None = None) -> JobSubmissionClient:
@@ -61,10 +85,15 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 
 def check_cluster_paths(job: CaptionJob) -> None:
     """Refuse relative local paths: the driver on the cluster would resolve them against the job's
-    working dir there, not against the folder they were typed in."""
+    working dir there, not against the folder they were typed in. A model's hub id (org/name, not
+    a folder here) reads the same everywhere."""
+    from gitmodel.hub import _as_url
+
     paths = {"input.path": job.input.path, "output.path": job.output.path, "model.path": job.model.path}
     for name, value in paths.items():
         for path in value if isinstance(value, list) else [value]:
+            if name == "model.path" and path and _as_url(path).startswith("hf://"):
+                continue
             if path and "://" not in path and not os.path.isabs(path):
                 raise JobConfigError(
                     name, f"{path!r} is a relative local path, which the cluster cannot see: use a URL "
@@ -72,8 +101,39 @@ def check_cluster_paths(job: CaptionJob) -> None:
                 )
 
 
-def submit_job(client: JobSubmissionClient, job: CaptionJob) -> str:
-    """Submit `job` (already preflighted) and return its submission id."""
+def inline_credentials(job: CaptionJob) -> list[str]:
+    """The spec's fields that hold a secret, e.g. `input.storage_options.secret`: `submit_job` would
+    send them in plain text, in the uploaded job.yaml, which the cluster keeps in its object store
+    and unpacks on the nodes its driver and workers run on."""
+    options = {"input": job.input.storage_options, "output": job.output.storage_options,
+               "model": job.model.storage_options}
+    return [field for section, values in options.items()
+            for field in _secret_fields(values, f"{section}.storage_options")]
+
+
+def _secret_fields(values: dict, prefix: str) -> Iterator[str]:
+    for name, value in values.items():
+        field = f"{prefix}.{name}"
+        if value and _is_secret(str(name).lower(), value):
+            yield field  # a dict too: gcsfs's token may be the service account's JSON
+        elif isinstance(value, dict):
+            yield from _secret_fields(value, field)
+
+
+def _is_secret(name: str, value: object) -> bool:
+    if name == "token" and value in TOKEN_MODES:
+        return False
+    return name == "key" or any(word in name for word in SECRET_WORDS)  # s3fs's `key`: the access key id
+
+
+def forwarded_env() -> dict[str, str]:
+    """This machine's values of `FORWARDED_ENV`, for the job's runtime env."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def submit_job(client: JobSubmissionClient, job: CaptionJob, env_vars: dict[str, str]) -> str:
+    """Submit `job` (already preflighted), with `env_vars` set for its driver and workers, and
+    return its submission id."""
     import gitmodel
     import jobs
     import pipeline
@@ -86,6 +146,7 @@ def submit_job(client: JobSubmissionClient, job: CaptionJob) -> str:
         runtime_env = {
             "working_dir": spec_dir,  # uploaded by submit_job, before the folder goes
             "py_modules": [os.path.dirname(package.__file__) for package in (gitmodel, pipeline, jobs)],
+            "env_vars": env_vars,
         }
         with _explained(client.get_address()):
             return client.submit_job(
@@ -172,19 +233,33 @@ def wait_for_end(client: JobSubmissionClient, submission_id: str, timeout_s: flo
 
 
 def exit_status(details: JobDetails) -> int:
-    """As the driver exited: 0 succeeded, else its own status (3: some sources failed), or 1."""
-    return 0 if str(details.status) == "SUCCEEDED" else (details.driver_exit_code or 1)
+    """As the driver exited: 0 succeeded, 143 stopped (Ray records no exit status for a job it
+    stopped), else the driver's own status (3: some sources failed), or 1."""
+    status = str(details.status)
+    if status == "SUCCEEDED":
+        return 0
+    return STOPPED if status == "STOPPED" else (details.driver_exit_code or 1)
+
+
+def describe_end(details: JobDetails) -> str:
+    """How the job ended, in one line. Ray's message for a failed job goes on with up to 20,000
+    characters of the driver's last output, which the user has usually just read: its exit status
+    says enough; a job that failed before its driver ran (its runtime env, say) has the first line."""
+    if details.driver_exit_code is not None:
+        return f"{details.status}, its driver exited with status {details.driver_exit_code}"
+    reason = (details.message or "").strip().split("\n", 1)[0]
+    return f"{details.status}: {reason}" if reason else str(details.status)
 
 
 @contextmanager
 def _explained(address: str, submission_id: str | None = None) -> Iterator[None]:
     """Ray's errors for the usual mistakes, as one line that says what to do."""
     import requests
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
 
     try:
         yield
-    except (ConnectionError, requests.exceptions.ConnectionError):
+    except (ConnectionError, requests.exceptions.ConnectionError, RpcError):
         raise ClusterError(
             f"no Ray cluster answers at {address}: check --address (or $RAY_ADDRESS), which must be the "
             "head node's dashboard, port 8265 unless the cluster set --dashboard-port"
@@ -199,12 +274,24 @@ def _explained(address: str, submission_id: str | None = None) -> Iterator[None]
             f"the cluster at {address} rejected the token (from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
             "~/.ray/auth_token): use the one `ray get-auth-token` prints on the head"
         ) from None
-    except RuntimeError as err:
-        if submission_id is not None and "status code 404" in str(err):
+    except (RuntimeError, requests.exceptions.HTTPError) as err:  # Ray's and requests' words for an HTTP error
+        status = _http_status(err)
+        if submission_id is not None and status == 404:
             raise ClusterError(
                 f"the cluster at {address} has no job {submission_id} (`ray job list --address {address}` lists them)"
             ) from None
-        raise
+        # Ray's message goes on with the whole response, a page of HTML for some errors.
+        reason = str(err).strip().split("\n", 1)[0][:200]
+        retry = "; a dashboard that is starting answers so: try again in a minute" if status == 503 else ""
+        raise ClusterError(f"the cluster at {address} refused the request: {reason}{retry}") from None
+
+
+def _http_status(err: Exception) -> int | None:
+    response = getattr(err, "response", None)  # requests' HTTPError has it; Ray's RuntimeError only says it
+    if response is not None:
+        return response.status_code
+    said = re.search(r"status code (\d{3})", str(err))
+    return int(said.group(1)) if said else None
 
 
 @contextmanager

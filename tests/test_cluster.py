@@ -189,6 +189,7 @@ def test_a_stopped_job_resubmitted_resumes_without_redoing_committed_shards(clus
     first_commit(output, first_id)
     assert main(["stop", first_id, "--address", cluster.address]) == 0
     assert f"{first_id}: STOPPED" in capsys.readouterr().out
+    assert main(["logs", first_id, "--follow", "--address", cluster.address]) == 143  # as `gitcap run` exits
 
     progress = JobProgress(Folder(str(output)))
     (stopped,) = progress.runs()
@@ -206,6 +207,38 @@ def test_a_stopped_job_resubmitted_resumes_without_redoing_committed_shards(clus
     assert job_status_of(cluster, second_id) == "SUCCEEDED"
     assert_each_key_once(read_output(str(output)), expected_keys(10, 8))
     assert f"Ray job {first_id}, STOPPED" in progress.runs()[0]["state"]
+
+
+def test_a_failed_job_ends_its_followed_output_with_one_line(cluster, tmp_path, tiny_model, capsys):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")  # passes preflight, fails in the actor
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=2)
+
+    status = main(["submit", spec(tmp_path, model={"path": str(broken)}), "--address", cluster.address, "--follow"])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "gitcap run: failed: gitmodel.checkpoint.CheckpointError" in captured.out  # the driver's, followed
+    assert re.search(r"gitcap submit: job gitcap-\S+ FAILED, its driver exited with status 1\n$", captured.err)
+    assert "last available logs" not in captured.err and "CheckpointError" not in captured.err  # not twice
+
+
+def test_a_submitted_job_reaches_s3_through_this_machines_aws_endpoint_url(
+    cluster, s3_server, s3_bucket, tmp_path, tiny_model, capsys, monkeypatch
+):
+    from pipeline.scenes import write_scenes
+
+    # An S3-compatible store, named the standard way on this machine only: the cluster's nodes have
+    # credentials of their own, and no endpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    write_scenes(f"s3://{s3_bucket}/in", count=8, seed=0, shard_size=4)
+    job = spec(tmp_path, input={"path": f"s3://{s3_bucket}/in"}, output={"path": f"s3://{s3_bucket}/out"},
+               model={"path": tiny_model}, compute={"batch_size": 4})
+
+    status, _, printed = submit(cluster, capsys, job, "--follow")
+    assert status == 0, printed
+    assert f"with this machine's storage settings: AWS_ENDPOINT_URL={s3_server.endpoint}" in printed
+    assert "2/2 shards committed (2 this run)" in printed
 
 
 def test_the_job_completes_exactly_once_when_a_node_running_a_captioner_dies(cluster, tmp_path, tiny_model, capsys):
