@@ -63,15 +63,16 @@ class ClusterError(OSError):
 
 
 def cluster_address(address: str | None = None) -> str:
-    """`address`, else `$RAY_ADDRESS`, else the dashboard on this machine; HOST:PORT is taken as
-    http://HOST:PORT.
+    """`address`, else `$RAY_ADDRESS`, else the dashboard on this machine.
 
     Ray's client takes a bare HOST:PORT for the cluster's own (GCS) address and asks it where the
     dashboard is: given the dashboard's HOST:PORT, that waits ~35 s and fails with an RpcError.
-    gitcap's address is the dashboard's, so a bare one gets the scheme the dashboard speaks; "auto"
-    (the cluster `ray start` left on this machine) stays Ray's."""
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-    return address if "://" in address or address == "auto" else f"http://{address}"
+    `--address` is documented as the dashboard's, so a bare one typed there gets the scheme the
+    dashboard speaks. A bare `$RAY_ADDRESS` keeps Ray's meaning (Ray and KubeRay set it to the GCS
+    address, HEAD:6379), as does "auto"."""
+    if address:
+        return address if "://" in address or address == "auto" else f"http://{address}"
+    return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
 def connect(address: str | None = None) -> JobSubmissionClient:

@@ -70,8 +70,10 @@ def test_the_address_is_the_dashboard_so_a_bare_host_and_port_gets_http(monkeypa
     assert cluster_address("https://head:8265") == "https://head:8265"
     assert cluster_address(None) == "http://127.0.0.1:8265"
     assert cluster_address("auto") == "auto"  # Ray's: the cluster `ray start` left on this machine
-    monkeypatch.setenv("RAY_ADDRESS", "head:8265")
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert cluster_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # as Ray and KubeRay set it: the GCS, Ray's meaning
+    assert cluster_address(None) == "head:6379"
 
 
 @pytest.mark.parametrize("command", [["logs", "gitcap-x"], ["stop", "gitcap-x"]])
