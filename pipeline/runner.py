@@ -35,8 +35,9 @@ Why this protocol, and not Ray Data's `write_parquet` or its `CheckpointConfig`:
 
 Sampling reproduces across resumes (per-image seeds from (seed, key)), so a redone shard gets
 the captions it would have had. `--retry-failed` re-reads only shards with error rows, captions
-only their failed keys, and republishes each affected file whole under its own name (one atomic
-replace), so its error rows are replaced, never duplicated.
+only their failed rows (found by their place in the shard: keys need not be unique), and
+republishes each affected file whole under its own name (one atomic replace), so its error rows
+are replaced, never duplicated.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
 from pipeline.progress import SUCCESS_FILE, JobProgress, RunLease, new_run_record
 from pipeline.sink import output_table, file_summary
-from pipeline.sources import Shard, list_shards
+from pipeline.sources import Shard, is_shard_failure, list_shards
 from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
 from pipeline.views import finish_dataset, publish_views
@@ -80,7 +81,7 @@ class ProgressUpdate:
     shards_total: int
     shards_done: int  # committed, this run and before
     shards_todo: int  # this run's work
-    images: int  # rows received this run (images, ok or failed)
+    images: int  # images received this run, ok or failed (each once, failed sources not counted)
     failed: int
     elapsed_s: float
     images_per_s: float | None
@@ -95,12 +96,12 @@ class RunSummary:
     shards_this_run: int  # committed by this run
     images_ok: int  # the whole output
     images_failed: int
-    images_this_run: int
+    images_this_run: int  # images this run committed, ok or failed (each once)
     errors: dict[str, int]  # reason code -> rows, whole output
     failed_sources: list[dict[str, str]]  # shards that could not be read (whole output, and this run)
     elapsed_s: float
     startup_s: float | None  # from the start of the run to the first captioned batch
-    images_per_s: float | None  # this run, after start-up
+    images_per_s: float | None  # images committed this run, per second after start-up
     retried: bool = False
     fingerprint: str = ""  # of the job's decisive settings (see CaptionJob.fingerprint)
     # Busy seconds per stage this run, summed over workers: reading shards from storage, decoding
@@ -179,7 +180,8 @@ class _Run:
         self.done_before: set[str] = set()  # shards committed before this run
         self.id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
         self.lease = RunLease(progress, new_run_record(self.id, retry_failed))
-        self.counts: Counter = Counter()
+        self.received: Counter = Counter()  # "images", "failed": image rows received (the live display)
+        self.startup_images = 0  # received with the first result, before the speed's clock starts
         self.stage_seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "caption": 0.0}
         self.first_result: float | None = None
         self.storage_failed: dict[str, str] = {}
@@ -189,8 +191,8 @@ class _Run:
                 progress_callback: Callable[[ProgressUpdate], None] | None) -> None:
         assembler = ShardAssembler()
         for block in blocks:
-            self._count(block)
-            for shard in assembler.add(block):
+            self._count(block, assembler.take(block))
+            for shard in assembler.complete():
                 if shard.storage_error:  # not committed: the next run retries it
                     self.storage_failed[shard.uri] = shard.storage_error
                     self.storage_streak += 1
@@ -210,17 +212,15 @@ class _Run:
             if progress_callback:
                 progress_callback(ProgressUpdate(
                     shards_total=self.shards_total, shards_done=len(self.done_before) + writer.shards_committed,
-                    shards_todo=shards_todo, images=self.counts["images"], failed=self.counts["failed"],
-                    elapsed_s=time.time() - self.started, images_per_s=self.speed(),
+                    shards_todo=shards_todo, images=self.received["images"], failed=self.received["failed"],
+                    elapsed_s=time.time() - self.started, images_per_s=self.speed(self.received["images"]),
                 ))
         writer.flush()
 
-    def _count(self, block: pa.Table) -> None:
-        images = int(pc.sum(pc.greater_equal(block["seq"], 0)).as_py() or 0)
+    def _count(self, block: pa.Table, new_rows: pa.Table) -> None:
+        self.received.update(image_counts(new_rows))  # each image once, however often Ray delivered it
         if self.first_result is None:
-            self.first_result, self.counts["startup_images"] = time.time(), images
-        self.counts["images"] += images
-        self.counts["failed"] += int(pc.sum(pc.is_valid(block["error"])).as_py() or 0)
+            self.first_result, self.startup_images = time.time(), self.received["images"]
         self.stage_seconds["caption"] += float(pc.sum(block["caption_s"]).as_py() or 0)
         for marker in block["marker"].drop_null().to_pylist():
             marker = json.loads(marker)
@@ -231,13 +231,13 @@ class _Run:
         self.lease.update(**self._record_values(writer))
 
     def _record_values(self, writer: _Writer) -> dict[str, Any]:
-        return dict(shards_committed=writer.shards_committed, images=self.counts["images"],
-                    startup_s=self.startup(), images_per_s=self.speed())
+        return dict(shards_committed=writer.shards_committed, images=writer.images_committed,
+                    startup_s=self.startup(), images_per_s=self.speed(writer.images_committed))
 
-    def speed(self) -> float | None:
+    def speed(self, images: int) -> float | None:
         """Images/s since the first result arrived: start-up (Ray, model loading) is not in it."""
         elapsed = time.time() - self.first_result if self.first_result else 0
-        return (self.counts["images"] - self.counts["startup_images"]) / elapsed if elapsed > 0.5 else None
+        return (images - self.startup_images) / elapsed if elapsed > 0.5 else None
 
     def startup(self) -> float | None:
         return self.first_result - self.started if self.first_result else None
@@ -255,12 +255,12 @@ class _Run:
             shards_this_run=writer.shards_committed,
             images_ok=sum(m["ok"] for m in manifests.values()),
             images_failed=sum(m["failed"] for m in manifests.values()),
-            images_this_run=self.counts["images"],
+            images_this_run=writer.images_committed,
             errors=dict(errors),
             failed_sources=[f for m in manifests.values() for f in m.get("failed_sources", [])],
             elapsed_s=time.time() - self.started,
             startup_s=self.startup(),
-            images_per_s=self.speed(),
+            images_per_s=self.speed(writer.images_committed),
             retried=self.retry_failed,
             fingerprint=job.fingerprint(),
             stage_seconds={stage: round(seconds, 3) for stage, seconds in self.stage_seconds.items()},
@@ -369,22 +369,32 @@ class CompletedShard:
 
 class ShardAssembler:
     """Collects result rows per shard; a shard is complete once its end marker and as many distinct
-    `seq` numbers as the marker announced have arrived (duplicates from Ray retries are dropped)."""
+    `seq` numbers as the marker announced have arrived (duplicates from Ray retries are dropped).
+    A shard is handed out once: Ray may execute a task again and deliver a completed shard's rows
+    a second time, which would commit it twice (or, in part, sit here forever)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, list[pa.Table]] = defaultdict(list)
         self.seen: dict[str, set[int]] = defaultdict(set)
         self.expected: dict[str, int] = {}
         self.storage_errors: dict[str, str | None] = {}
+        self.completed: set[str] = set()  # URIs only: cheap for any job
         self.schema: pa.Schema | None = None
 
     def add(self, block: pa.Table) -> list[CompletedShard]:
+        """Take a block of rows in; returns the shards it completes."""
+        self.take(block)
+        return self.complete()
+
+    def take(self, block: pa.Table) -> pa.Table:
+        """Keep the block's new rows; returns them (repeated rows, end markers and rows of shards
+        already handed out are not new)."""
         self.schema = self.schema or block.schema
         take: dict[str, list[int]] = defaultdict(list)
-        touched = set()
         markers = block["marker"].to_pylist()
         for i, (shard, seq) in enumerate(zip(block["shard"].to_pylist(), block["seq"].to_pylist())):
-            touched.add(shard)
+            if shard in self.completed:
+                continue
             if seq < 0:
                 marker = json.loads(markers[i])
                 self.expected[shard] = marker["rows"]
@@ -394,13 +404,26 @@ class ShardAssembler:
                 take[shard].append(i)
         for shard, rows in take.items():
             self.parts[shard].append(block.take(pa.array(rows, pa.int64())))
-        return [self._pop(s) for s in sorted(touched) if len(self.seen[s]) == self.expected.get(s, -1)]
+        return pa.concat_tables([self.parts[s][-1] for s in take]) if take else block.schema.empty_table()
+
+    def complete(self) -> list[CompletedShard]:
+        """The shards whose rows have all come, handed out once."""
+        return [self._pop(s) for s in sorted(s for s, rows in self.expected.items() if len(self.seen[s]) == rows)]
 
     def _pop(self, shard: str) -> CompletedShard:
         parts = self.parts.pop(shard, [])
         rows = pa.concat_tables(parts) if parts else self.schema.empty_table()
         del self.seen[shard], self.expected[shard]
+        self.completed.add(shard)
         return CompletedShard(shard, rows.drop_columns(["marker"]), self.storage_errors.pop(shard))
+
+
+def image_counts(rows: pa.Table) -> Counter:
+    """{"images", "failed"} among result rows: not the end markers, nor the row that reports a
+    damaged shard (a failed source, not an image: counted apart in the output too)."""
+    images = [e for seq, e in zip(rows["seq"].to_pylist(), rows["error"].to_pylist())
+              if seq >= 0 and not is_shard_failure(e)]
+    return Counter(images=len(images), failed=sum(e is not None for e in images))
 
 
 # --- committing -------------------------------------------------------------------------------
@@ -408,6 +431,7 @@ class ShardAssembler:
 
 class _Writer:
     shards_committed = 0
+    images_committed = 0  # image rows this run committed: the output's own count (ok + failed)
 
     def add(self, shard: CompletedShard) -> None: ...
     def due(self) -> bool: ...
@@ -450,12 +474,15 @@ class _WaveWriter(_Writer):
         _failpoint("after-commit")
         publish_views(self.progress.folder, self.job.output, name, table, {**info, "size": size})
         self.shards_committed += len(wave)
+        self.images_committed += info["ok"] + info["failed"]
         self.last_commit = time.time()
 
 
 class _RetryWriter(_Writer):
     """--retry-failed: each retried shard's new rows replace its error rows, in the data file that
-    holds the shard, which is republished whole under its own name."""
+    holds the shard, which is republished whole under its own name. Rows are matched by their
+    place in the shard (`seq`), never by key: keys need not be unique (a Parquet source's key
+    column is not checked), and a key with a good row and a failed one is read again whole."""
 
     def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, lease: RunLease,
                  targets: dict[str, str], manifests: dict[str, dict], shards: list[Shard]):
@@ -474,12 +501,15 @@ class _RetryWriter(_Writer):
         sink = self.progress.sink
         for name, shards in self.ready.items():
             old = sink.read(name)
-            retried = {s.uri for s in shards}
-            shard_of = _source_to_shard(self.manifests[name]["shards"], old["source"].to_pylist(), self.by_uri)
-            keep = [not (err is not None and shard_of[i] in retried) for i, err in enumerate(old["error"].to_pylist())]
-            new = _output(self.job, self.model_id, [s.rows for s in shards])
-            table = pa.concat_tables([old.filter(pa.array(keep)), new], promote_options="permissive")
-            table = table.replace_schema_metadata(None)
+            places = _row_places(self.manifests[name]["shards"], old["source"].to_pylist(), self.by_uri)
+            good = {place for place, error in zip(places, old["error"].to_pylist()) if error is None}
+            rows = [_not_at(s.rows, good) for s in shards]  # a good row read again for its key's sake goes
+            redone = {place for r in rows for place in zip(r["shard"].to_pylist(), r["seq"].to_pylist())}
+            keep = [place not in redone for place in places]
+            table = _merged(old.filter(pa.array(keep, pa.bool_())), _output(self.job, self.model_id, rows))
+            # Back in (shard, seq) order, as every data file is: a later retry finds rows by their place.
+            order = [place for place, kept in zip(places, keep) if kept] + sorted(redone)
+            table = table.take(sorted(range(len(order)), key=order.__getitem__)).replace_schema_metadata(None)
             info = {**file_summary(table, self.manifests[name]["shards"]), "run": self.lease.run_id,
                     "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
             self.lease.check()
@@ -487,28 +517,75 @@ class _RetryWriter(_Writer):
             self.progress.write_commit(name, {**info, "size": size})
             publish_views(self.progress.folder, self.job.output, name, table, {**info, "size": size})
             self.shards_committed += len(shards)
+            self.images_committed += sum(image_counts(r)["images"] for r in rows)
         self.ready.clear()
 
 
 def _retry_tasks(
     progress: JobProgress, manifests: dict[str, dict], shards: list[Shard]
 ) -> tuple[list[ShardTask], dict[str, str]]:
-    """Tasks for every committed shard with error rows (its good keys skipped), and the data file
-    holding each of those shards."""
+    """Tasks for every committed shard with error rows, and the data file holding each of those
+    shards. A task skips the keys of the shard's good rows but not a key that has a failed row
+    too: those records are read again, and `_RetryWriter` keeps only the rows that failed."""
     by_uri = {s.uri: s for s in shards}
     tasks, targets = [], {}
     for name, manifest in sorted(manifests.items()):
         if not manifest.get("sources_with_errors"):
             continue
         table = progress.sink.read(name, columns=["key", "source", "error"])
-        shard_of = _source_to_shard(manifest["shards"], table["source"].to_pylist(), by_uri)
-        errors = table["error"].to_pylist()
-        failed_shards = {shard_of[i] for i, e in enumerate(errors) if e is not None}
-        for uri in sorted(failed_shards & by_uri.keys()):
-            ok = {k for i, (k, e) in enumerate(zip(table["key"].to_pylist(), errors)) if e is None and shard_of[i] == uri}
-            tasks.append(ShardTask(by_uri[uri], frozenset(ok)))
-            targets[uri] = name
+        keys: dict[str, tuple[set, set]] = defaultdict(lambda: (set(), set()))  # shard: (good keys, failed keys)
+        owners = _source_to_shard(manifest["shards"], table["source"].to_pylist(), by_uri)
+        for shard, key, error in zip(owners, table["key"].to_pylist(), table["error"].to_pylist()):
+            keys[shard][error is not None].add(key)
+        for uri, (good, failed) in sorted(keys.items()):
+            if failed and uri in by_uri:
+                tasks.append(ShardTask(by_uri[uri], frozenset(good - failed)))
+                targets[uri] = name
     return tasks, targets
+
+
+def _row_places(file_shards: list[str], sources: list[str], by_uri: dict[str, Shard]) -> list[tuple[str, int]]:
+    """Each row's (shard, seq): a data file holds every record of its shards, one row each, in
+    (shard, seq) order, so a row's place among its shard's rows is its seq."""
+    seen: Counter = Counter()
+    places = []
+    for shard in _source_to_shard(file_shards, sources, by_uri):
+        places.append((shard, seen[shard]))
+        seen[shard] += 1
+    return places
+
+
+def _not_at(rows: pa.Table, places: set[tuple[str, int]]) -> pa.Table:
+    """Result rows, less those at the given (shard, seq) places."""
+    keep = [place not in places for place in zip(rows["shard"].to_pylist(), rows["seq"].to_pylist())]
+    return rows.filter(pa.array(keep, pa.bool_()))
+
+
+def _merged(old: pa.Table, new: pa.Table) -> pa.Table:
+    """`old` then `new`, in the old file's types. A column typed otherwise in the new rows (a
+    metadata column all null in one wave is text there, numbers in another) is cast to the old
+    type where its values fit, else both sides become text: a retry never fails on types."""
+    for name in set(old.column_names) & set(new.column_names):
+        kept = old.schema.field(name).type
+        if new.schema.field(name).type == kept:
+            continue
+        try:
+            new = _with_column(new, name, new[name].cast(kept))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            old, new = _with_column(old, name, _as_text(old[name])), _with_column(new, name, _as_text(new[name]))
+    return pa.concat_tables([old, new], promote_options="permissive")
+
+
+def _with_column(table: pa.Table, name: str, values: pa.ChunkedArray | pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+def _as_text(values: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Values as text: Arrow's own cast where it has one, else JSON (lists, structs)."""
+    try:
+        return values.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v, default=str) for v in values.to_pylist()], pa.string())
 
 
 def _source_to_shard(file_shards: list[str], sources: list[str], by_uri: dict[str, Shard]) -> list[str]:

@@ -7,6 +7,7 @@ import json
 import os
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -204,6 +205,7 @@ def test_broken_shards_are_failed_sources_and_the_rest_goes_on(tmp_path, tiny_mo
     assert set(failed) == {"00002.tar", "00003.tar"}
     assert all(e.startswith("shard_unreadable: ") for e in failed.values())
     assert summary.exit_code == 3
+    assert summary.images_this_run == summary.images_ok + summary.images_failed  # a failed source is no image
     frame = read_output(str(tmp_path / "out")).set_index("key")
     assert frame.loc["00002/__shard__", "error"].startswith("shard_unreadable: ")
     assert frame.loc["00004/b", "error"].startswith("missing_image: ")  # metadata with no image
@@ -269,6 +271,25 @@ def test_retry_failed_replaces_error_rows_only(tmp_path, tiny_model):
     assert job_status(str(tmp_path / "out")).images_failed == 0
     nothing = run_caption_job(spec, retry_failed=True)
     assert nothing.images_this_run == 0 and "no failed rows" in nothing.notes[0]
+
+
+def test_retry_failed_redoes_the_failed_row_of_a_key_that_is_there_twice(tmp_path, tiny_model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = [scene_jpeg(0), scene_jpeg(1), scene_jpeg(2)[:200]]  # the second "x" is cut short
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "image": images}), folder / "p.parquet")  # ids unchecked
+    spec = job(str(folder), str(tmp_path / "out"), tiny_model, input={"format": "parquet"})
+    first = run_caption_job(spec)
+    assert (first.images_ok, first.images_failed, first.images_this_run) == (2, 1, 3)
+
+    images[2] = scene_jpeg(2)  # the source is fixed
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "image": images}), folder / "p.parquet")
+    retried = run_caption_job(spec, retry_failed=True)
+
+    assert (retried.images_ok, retried.images_failed, retried.images_this_run) == (3, 0, 1)
+    frame = read_output(str(tmp_path / "out"))
+    assert list(frame["key"]) == ["x", "y", "x"] and frame["error"].isna().all()
+    assert frame["width"].tolist() == [48, 48, 48]
 
 
 def test_sampled_captions_are_reproducible_and_listed_best_first(tmp_path, tiny_model):
