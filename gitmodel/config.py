@@ -139,6 +139,10 @@ class GenerationConfig(_JsonConfig):
     top_k: int = 50
     top_p: float = 1.0
     num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0  # prompt (its padded width) + generated tokens, as transformers counts
+    min_new_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -149,3 +153,52 @@ class GenerationConfig(_JsonConfig):
         values = super().to_dict()
         del values["model_type"]
         return {k: v for k, v in values.items() if v is not None}
+
+    def check_supported(self, do_sample: bool) -> None:
+        """A ValueError naming the first setting transformers would apply here that gitmodel does not
+        implement: generating without it would silently give other tokens than transformers."""
+        unsupported = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLING if do_sample else {})}
+        for key, off in unsupported.items():
+            value = self.extra.get(key)
+            if value is not None and value != off:
+                fix = "remove it from generation_config.json" + ("" if off is None else f" or set it to {off!r}")
+                raise ValueError(
+                    f"generation config sets {key}={value!r}, which transformers applies and gitmodel does not "
+                    f"implement; {fix}"
+                )
+
+
+# generation_config.json keys that change transformers' tokens, with the value that turns each off (None:
+# only unset is off). Keys that change nothing but speed or outputs beside the tokens are not here.
+_UNSUPPORTED: dict[str, Any] = {
+    "bad_words_ids": None,
+    "begin_suppress_tokens": None,
+    "constraints": None,
+    "diversity_penalty": 0.0,
+    "dola_layers": None,
+    "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "exponential_decay_length_penalty": None,
+    "force_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "guidance_scale": 1.0,
+    "max_time": None,
+    "num_beam_groups": 1,
+    "penalty_alpha": None,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+    "sequence_bias": None,
+    "stop_strings": None,
+    "suppress_tokens": None,
+    "token_healing": False,
+    "watermarking_config": None,
+}
+# The warpers transformers applies only when sampling.
+_UNSUPPORTED_SAMPLING: dict[str, Any] = {
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "typical_p": 1.0,
+}

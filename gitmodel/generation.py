@@ -42,6 +42,7 @@ class _Prompt:
     key_mask: torch.Tensor | None  # (rows, 1, 1, cache positions): False at left padding; None if unpadded
     num_image_tokens: int
     next_position: torch.Tensor  # text position of the next token, per row
+    text_start: torch.Tensor  # column of each row's first prompt token, after its left padding
     first_logits: torch.Tensor | None = None  # next-token logits at the end of the prompt
 
     @property
@@ -74,6 +75,10 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     num_return_sequences: int | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_length: int | None = None,
+    min_new_tokens: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | Sequence[int] | torch.Tensor | None = None,
@@ -85,8 +90,13 @@ def generate(
     row starts from [CLS]. Unset arguments come from `model.generation_config`, as in transformers.
     Sampling draws from a counter-based generator keyed by `seed` (one int, or one per image), so a
     row's sample depends on its own seed only — not on the batch it happens to share.
+    `repetition_penalty`, `no_repeat_ngram_size`, `min_length` and `min_new_tokens` act as transformers'
+    logits processors of the same names; other settings of a generation_config.json that would change
+    transformers' tokens are refused, naming them.
     Returns token ids (B * num_return_sequences, prompt + generated), finished rows padded; with
-    `return_dict=True`, a `GenerateOutput` that also holds each sequence's mean token log-probability.
+    `return_dict=True`, a `GenerateOutput` that also holds each sequence's mean token log-probability
+    (under the distribution the search chose from: after those processors, before temperature,
+    top-k and top-p, as transformers' beam scores are).
     """
     defaults = model.generation_config
     num_beams = num_beams or defaults.num_beams
@@ -94,6 +104,14 @@ def generate(
     num_return_sequences = num_return_sequences or defaults.num_return_sequences
     eos_ids = _as_list(defaults.eos_token_id if eos_token_id is None else eos_token_id)
     pad = defaults.pad_token_id if pad_token_id is None else pad_token_id
+    defaults.check_supported(do_sample)
+    rules = _LogitsRules(
+        defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        defaults.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+        defaults.min_length if min_length is None else min_length,
+        (defaults.min_new_tokens if min_new_tokens is None else min_new_tokens) or 0,
+        tuple(eos_ids),
+    )
 
     batch = pixel_values.shape[0]
     device = model.device
@@ -130,7 +148,7 @@ def generate(
 
     if num_beams > 1:
         sequences, scores = beam_search(
-            model, prompt, batch, num_beams, max_new_tokens, eos_ids, pad,
+            model, prompt, batch, num_beams, max_new_tokens, eos_ids, pad, rules,
             length_penalty=defaults.length_penalty if length_penalty is None else length_penalty,
             early_stopping=defaults.early_stopping if early_stopping is None else early_stopping,
             num_return_sequences=num_return_sequences,
@@ -144,7 +162,7 @@ def generate(
                 defaults.top_k if top_k is None else top_k,
                 defaults.top_p if top_p is None else top_p,
             )
-        sequences, scores = greedy_or_sample(model, prompt, max_new_tokens, eos_ids, pad, sampler)
+        sequences, scores = greedy_or_sample(model, prompt, max_new_tokens, pad, sampler, rules)
     return GenerateOutput(sequences, scores) if return_dict else sequences
 
 
@@ -179,7 +197,7 @@ def prefill(
     # Image tokens never attend to text, so their keys and values do not depend on the prompt and
     # are computed without any mask, once per image rather than once per beam or sample.
     git.encoder.prefill_image(image, cache)
-    prompt = _Prompt(ids, cache, key_mask, num_image_tokens, mask.sum(-1))
+    prompt = _Prompt(ids, cache, key_mask, num_image_tokens, mask.sum(-1), (mask != 0).int().argmax(dim=-1))
     if ids.shape[1] == 1:
         # A one-token prompt ([CLS]) is a decode step at text position 0 (replayed from a CUDA graph too).
         prompt.first_logits = decode_one_token(model, prompt, ids[:, 0], torch.zeros_like(ids[:, 0]), step=-1)
@@ -228,8 +246,9 @@ def decode_one_token_eager(
 class _GreedyState:
     """What greedy search and sampling keep per row, one column per generated token.
 
-    A step reads column `step` (and the previous token) and writes columns `step` and `step + 1`
-    only, so running a step twice is the same as running it once, as a CUDA graph capture needs.
+    A step reads the tokens before `step` and whether rows run at `step`, and writes token `step` and
+    whether rows run at `step + 1` only, so running a step twice is the same as running it once, as a
+    CUDA graph capture needs.
     `active` maps the rows still in the cache to rows here (all of them, unless finished rows
     were dropped from the cache).
     """
@@ -237,6 +256,8 @@ class _GreedyState:
     def __init__(self, prompt: _Prompt, max_new_tokens: int):
         rows, device = prompt.ids.shape[0], prompt.ids.device
         self.first_logits = torch.empty_like(prompt.first_logits)
+        self.prompt_ids = torch.empty_like(prompt.ids)
+        self.text_start = torch.empty_like(prompt.text_start)
         self.start_positions = torch.empty(rows, dtype=torch.long, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
         self.active = torch.arange(rows, device=device)
@@ -247,6 +268,8 @@ class _GreedyState:
 
     def begin(self, prompt: _Prompt, seeds: torch.Tensor | None) -> None:
         self.first_logits.copy_(prompt.first_logits)
+        self.prompt_ids.copy_(prompt.ids)
+        self.text_start.copy_(prompt.text_start)
         self.start_positions.copy_(prompt.next_position)
         if seeds is not None:
             self.seeds.copy_(seeds)
@@ -273,8 +296,8 @@ def _greedy_step(
     prompt: _Prompt,
     state: _GreedyState,
     step: int,
-    eos_ids: tuple[int, ...],
     sampler: _Sampler | None,
+    rules: _LogitsRules,
 ) -> None:
     """Feed the previous token through the decoder (from step 1 on), then choose token `step` of every active row."""
     rows = state.active
@@ -284,10 +307,13 @@ def _greedy_step(
         previous = state.generated[rows, step - 1]
         logits = decode_one_token_eager(model, prompt, previous, state.start_positions[rows] + (step - 1), step - 1)
     logits = logits.float()
+    if rules.active:
+        history = torch.cat([state.prompt_ids[rows], state.generated[rows, :step]], dim=1)
+        logits = rules.apply(logits, history, state.text_start[rows], step)
     tokens = sampler.choose(logits, state.seeds[rows], step) if sampler else logits.argmax(dim=-1)
     running = state.alive[rows, step]
     finished = torch.zeros_like(running)
-    for eos in eos_ids:  # Python constants: a capture cannot copy a list of ids to the GPU
+    for eos in rules.eos_ids:  # Python constants: a capture cannot copy a list of ids to the GPU
         finished |= tokens == eos
     state.generated[rows, step] = tokens
     state.token_logprobs[rows, step] = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
@@ -298,9 +324,9 @@ def greedy_or_sample(
     model: GitForCausalLM,
     prompt: _Prompt,
     max_new_tokens: int,
-    eos_ids: list[int],
     pad: int,
     sampler: _Sampler | None,
+    rules: _LogitsRules,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     graphs = _step_graphs(model, prompt)
     if graphs is None:
@@ -308,16 +334,15 @@ def greedy_or_sample(
     else:
         state = graphs.static("greedy", lambda: _GreedyState(prompt, max_new_tokens))
     state.begin(prompt, sampler.seeds if sampler else None)
-    eos = tuple(eos_ids)
     # With CUDA graphs, look at the host only every few steps so the GPU never waits for it
     # (the steps after the last EOS only add padding, trimmed at the end).
     check_every = 1 if graphs is None else 4
     for step in range(max_new_tokens):
         if graphs is None:
-            _greedy_step(model, prompt, state, step, eos, sampler)
+            _greedy_step(model, prompt, state, step, sampler, rules)
         else:
-            key = ("greedy", step, eos, sampler.settings if sampler else None)
-            graphs.run(key, lambda: _greedy_step(model, prompt, state, step, eos, sampler))
+            key = ("greedy", step, rules, sampler.settings if sampler else None)
+            graphs.run(key, lambda: _greedy_step(model, prompt, state, step, sampler, rules))
         if (step + 1) % check_every or step + 1 == max_new_tokens:
             continue
         running = state.alive[state.active, step + 1]
@@ -339,6 +364,7 @@ def beam_search(
     max_new_tokens: int,
     eos_ids: list[int],
     pad: int,
+    rules: _LogitsRules,
     *,
     length_penalty: float,
     early_stopping: bool | str,
@@ -366,7 +392,11 @@ def beam_search(
     positions = prompt.next_position
     logits = prompt.first_logits
     for step in range(max_new_tokens):
-        logprobs = torch.log_softmax(logits.float(), dim=-1).view(batch, num_beams, vocab)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if rules.active:
+            history = torch.cat([prompt.ids, running_seqs.view(batch * num_beams, -1)[:, :step]], dim=1)
+            logprobs = rules.apply(logprobs, history, prompt.text_start, step)
+        logprobs = logprobs.view(batch, num_beams, vocab)
         candidates = (logprobs + running_scores[:, :, None]).view(batch, -1)
         topk_scores, topk_index = torch.topk(candidates, k=keep_k)
         source_beam = topk_index // vocab
@@ -417,6 +447,75 @@ def beam_search(
     prompt_ids = prompt.ids.view(batch, num_beams, -1)[:, :num_return_sequences].reshape(batch * num_return_sequences, -1)
     generated = seqs.reshape(batch * num_return_sequences, -1)[:, : int(lengths.max())]
     return torch.cat([prompt_ids, generated], dim=1), mean_logprob
+
+
+@dataclass(frozen=True)
+class _LogitsRules:
+    """transformers' repetition_penalty, no_repeat_ngram_size, min_length and min_new_tokens processors,
+    in its order. Greedy search and sampling apply them to the logits (sampling before temperature,
+    top-k and top-p), beam search to the log-softmax, as transformers does. Shapes are fixed for a step,
+    nothing is read back to the host and no input is changed in place, so a CUDA graph of a whole
+    step holds them and running a step twice is the same as once."""
+
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    min_length: int
+    min_new_tokens: int
+    eos_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if min(self.no_repeat_ngram_size, self.min_length, self.min_new_tokens) < 0:
+            raise ValueError("no_repeat_ngram_size, min_length and min_new_tokens must be >= 0")
+
+    @property
+    def active(self) -> bool:
+        return self.repetition_penalty != 1.0 or max(self.no_repeat_ngram_size, self.min_length, self.min_new_tokens) > 0
+
+    def apply(self, scores: torch.Tensor, history: torch.Tensor, text_start: torch.Tensor, step: int) -> torch.Tensor:
+        """`scores` (rows, vocab) for generated token `step`, given each row's tokens so far, `history`
+        (rows, prompt width + step), whose prompt starts at column `text_start` (after left padding)."""
+        if self.repetition_penalty != 1.0:
+            scores = _penalise_repeats(scores, history, text_start, self.repetition_penalty)
+        if self.no_repeat_ngram_size > 0:
+            scores = _ban_repeated_ngrams(scores, history, self.no_repeat_ngram_size)
+        # transformers counts min_length over the whole text so far, left padding included.
+        if history.shape[1] < self.min_length or step < self.min_new_tokens:
+            scores = scores.clone()
+            for eos in self.eos_ids:  # Python constants, as in _greedy_step
+                scores[:, eos] = float("-inf")
+        return scores
+
+
+def _penalise_repeats(
+    scores: torch.Tensor, history: torch.Tensor, text_start: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Every token already in the text (not the left padding) is made less likely: a score divided by
+    `penalty`, or multiplied when negative."""
+    vocab = scores.shape[-1]
+    columns = torch.arange(history.shape[1], device=history.device)
+    # Padding points at a spare column past the vocabulary, dropped at the end.
+    ids = history.masked_fill(columns[None, :] < text_start[:, None], vocab)
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    seen = padded.gather(1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return padded.scatter(1, ids, seen)[:, :vocab]
+
+
+def _ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """No n-gram twice (the prompt's, padding included, count): a token that would complete an n-gram
+    already in the text gets -inf."""
+    length, vocab = history.shape[1], scores.shape[-1]
+    if length < n:
+        return scores
+    prefix = history[:, length + 1 - n :]
+    windows = history.unfold(1, n, 1)  # (rows, windows, n)
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
+    # Windows that do not match ban a spare column past the vocabulary, so they unban nothing.
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, windows[..., -1].masked_fill(~matches, vocab), True)
+    return scores.masked_fill(banned[:, :vocab], float("-inf"))
 
 
 class _Sampler:

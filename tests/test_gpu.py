@@ -55,6 +55,23 @@ def test_graphed_sampling_equals_eager_sampling(models):
     assert torch.equal(graphed.generate(images, **kwargs), eager.generate(images, **kwargs))
 
 
+def test_graphed_steps_hold_the_logits_processors(models):
+    """Greedy and sampling steps are whole CUDA graphs: repetition_penalty, no_repeat_ngram_size and
+    min_new_tokens run inside them, and calls of one shape with and without them keep apart graphs."""
+    reference, eager, graphed = models
+    rules = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3)
+    for seed, settings in [(30, rules), (31, {}), (32, rules)]:
+        images = pixels(8, seed)
+        expected = reference.generate(pixel_values=images, max_new_tokens=12, **settings)
+        assert torch.equal(graphed.generate(images, max_new_tokens=12, **settings), expected)
+    ids = torch.tensor([[101, 5, 6, 7], [0, 101, 8, 9], [0, 0, 101, 10], [0, 0, 0, 101]]).cuda()
+    mask = (ids != 0).long()
+    expected = reference.generate(pixel_values=pixels(4, 33), input_ids=ids, attention_mask=mask, max_new_tokens=8, **rules)
+    assert torch.equal(graphed.generate(pixels(4, 33), ids, mask, max_new_tokens=8, **rules), expected)
+    sampling = dict(do_sample=True, top_k=20, max_new_tokens=10, seed=[1, 2, 3, 4], **rules)
+    assert torch.equal(graphed.generate(pixels(4, 34), **sampling), eager.generate(pixels(4, 34), **sampling))
+
+
 def test_git_base_shape_logits_match_transformers_in_fp32(tmp_path):
     import transformers
 
