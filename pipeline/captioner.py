@@ -79,6 +79,9 @@ class Captioner:
             model_path, dtype=dtype, device=self.device, storage_options=config.storage_options
         ).prepare_for_inference(cuda_graphs=self.device.type == "cuda", compile=config.compile, graph_shapes=sizes)
         self.processor = GitProcessor.from_pretrained(model_path, storage_options=config.storage_options)
+        # Refused here, once, rather than by every batch's generate (a model failing on every image).
+        do_sample = config.generate_kwargs.get("do_sample", self.model.generation_config.do_sample)
+        self.model.generation_config.check_supported(do_sample)
         self.dtype = dtype
         self.prompt, self.seed = config.prompt, config.seed
         self.generate_kwargs = config.generate_kwargs

@@ -5,6 +5,7 @@ processor whose crops vary in size."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -91,11 +92,20 @@ def test_out_of_memory_is_recognised_where_torch_has_no_top_level_name(model_fol
     assert captioner.images_that_fit == 2 and all(error is None for _, _, error in results)
 
 
-def test_a_processor_whose_crops_vary_in_size_is_a_clear_error(model_folder, tmp_path):
-    import shutil
+def _edited_copy(model_folder: str, path, name: str, **settings) -> str:
+    folder = shutil.copytree(model_folder, path)
+    config_file = folder / name
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **settings}))
+    return str(folder)
 
-    folder = shutil.copytree(model_folder, tmp_path / "model")
-    config_file = folder / "preprocessor_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_center_crop": False}))
+
+def test_a_processor_whose_crops_vary_in_size_is_a_clear_error(model_folder, tmp_path):
+    folder = _edited_copy(model_folder, tmp_path / "model", "preprocessor_config.json", do_center_crop=False)
     with pytest.raises(ValueError, match="crops of varying sizes .*do_center_crop"):
-        Captioner(CaptionerConfig(str(folder)))
+        Captioner(CaptionerConfig(folder))
+
+
+def test_a_generation_setting_gitmodel_does_not_implement_stops_the_actor_at_start(model_folder, tmp_path):
+    folder = _edited_copy(model_folder, tmp_path / "model", "generation_config.json", bad_words_ids=[[7]])
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        Captioner(CaptionerConfig(folder))
