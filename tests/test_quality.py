@@ -13,7 +13,7 @@ from tests.tiny_processor import save_tiny_processor
 @pytest.mark.parametrize(
     "caption,words",
     [
-        ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),  # vowel signs and virama are marks, inside the word
+        ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),  # vowel signs and virama are marks
         ("a cafe\u0301 table", ["a", "cafe\u0301", "table"]),  # a combining accent stays on its letter
         ("ประตู สีแดง", ["ประตู", "สีแดง"]),
         ("日本 の cat", ["日本", "の", "cat"]),
