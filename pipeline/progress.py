@@ -437,7 +437,7 @@ class JobStatus:
             speed = f", {self.images_per_s:.1f} images/s" if self.images_per_s else ""
             state = run["state"]
             if state == "running" and age > STALE_RUN_S:
-                state = "stopped or stalled (a running job updates this at every commit)"
+                state = f"stopped or stalled (a running job renews this every {HEARTBEAT_S} s)"
             lines.append(f"last run {run['run']}: {state}, updated {_duration(age)} ago{speed}")
         if self.eta_s is not None and not self.complete:
             lines.append(f"eta      {_duration(self.eta_s)} at that speed")
