@@ -155,7 +155,7 @@ def test_after_running_out_of_memory_batches_go_in_pieces_that_fit(tmp_path, tin
     def small_device(self, crops, keys):
         sizes.append(len(keys))
         if len(keys) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, crops, keys)
 
     monkeypatch.setattr(Captioner, "caption", small_device)
