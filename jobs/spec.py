@@ -119,15 +119,10 @@ def _check_image_column(url: str, spec: InputConfig) -> None:
     """Find the first file's image column as the reader will: with a wrong `image_column`, every
     file would become a failed source, and a rerun with the name fixed would be refused (the name is
     part of the job's fingerprint)."""
-    import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
-
-    from pipeline.sources import _image_column
+    from pipeline.sources import _image_column, parquet_schema
 
     try:
-        fs, path = url_to_fs(url, **spec.storage_options)
-        with fs.open(path, "rb") as f:
-            schema = pq.ParquetFile(f).schema_arrow
+        schema = parquet_schema(url, spec.storage_options)
     except Exception:  # noqa: BLE001  (it read a moment ago: so a damaged file, the run's to record as failed)
         return
     try:

@@ -62,7 +62,7 @@ from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
 from pipeline.progress import SUCCESS_FILE, JobProgress, RunLease, new_run_record
 from pipeline.sink import output_table, file_summary
-from pipeline.sources import Shard, is_shard_failure, list_shards
+from pipeline.sources import Shard, is_shard_failure, list_shards, parquet_schema, valid_utf8
 from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
 from pipeline.views import finish_dataset, publish_views
@@ -150,12 +150,13 @@ def run_caption_job(
         run.shards_total = len(shards)
         manifests = progress.reconcile()  # the committed shards, rebuilt from the data files if need be
         run.done_before = _committed_shards(manifests)
+        output = _OutputFormat(job, model_id, _source_types(job, shards, run.done_before))
         if retry_failed:
             tasks, targets = _retry_tasks(progress, manifests, shards)
-            writer: _Writer = _RetryWriter(progress, job, model_id, run.lease, targets, manifests, shards)
+            writer: _Writer = _RetryWriter(progress, job, output, run.lease, targets, manifests, shards)
         else:
             tasks = [ShardTask(s) for s in shards if s.uri not in run.done_before]
-            writer = _WaveWriter(progress, job, model_id, run.lease, _wave_size(job, len(tasks)), commit_interval_s)
+            writer = _WaveWriter(progress, job, output, run.lease, _wave_size(job, len(tasks)), commit_interval_s)
         if tasks:
             run.execute(_captioned_blocks(job, tasks, model_path, model_id), writer, len(tasks), progress_callback)
         _failpoint("before-finish")
@@ -296,7 +297,7 @@ def _captioned_blocks(job: CaptionJob, tasks: list[ShardTask], model_path: str, 
 
     compute = job.compute
     processor = GitImageProcessor.from_pretrained(model_path, storage_options=job.model.storage_options)
-    height, width = processor.output_size
+    height, width = processor.fixed_output_size()
     preprocess = PreprocessConfig(
         processor=processor.to_dict(),
         storage_options=job.input.storage_options,
@@ -441,9 +442,9 @@ class _Writer:
 class _WaveWriter(_Writer):
     """Commits finished shards, a wave at a time, each wave as one new data file."""
 
-    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, lease: RunLease,
+    def __init__(self, progress: JobProgress, job: CaptionJob, output: _OutputFormat, lease: RunLease,
                  wave_size: int, interval_s: float):
-        self.progress, self.job, self.model_id, self.lease = progress, job, model_id, lease
+        self.progress, self.job, self.output, self.lease = progress, job, output, lease
         self.wave_size, self.interval_s = wave_size, interval_s
         self.ready: list[CompletedShard] = []
         self.last_commit = time.time()
@@ -461,7 +462,7 @@ class _WaveWriter(_Writer):
         if not self.ready:
             return
         wave, self.ready = self.ready, []
-        table = _output(self.job, self.model_id, [s.rows for s in wave])
+        table = self.output.table([s.rows for s in wave])
         info = {**file_summary(table, [s.uri for s in wave]), "run": self.lease.run_id,
                 "fingerprint": self.job.fingerprint(), "committed_at": time.time()}
         name = f"part-{self.lease.run_id}-{self.waves:05d}.parquet"
@@ -484,9 +485,9 @@ class _RetryWriter(_Writer):
     place in the shard (`seq`), never by key: keys need not be unique (a Parquet source's key
     column is not checked), and a key with a good row and a failed one is read again whole."""
 
-    def __init__(self, progress: JobProgress, job: CaptionJob, model_id: str, lease: RunLease,
+    def __init__(self, progress: JobProgress, job: CaptionJob, output: _OutputFormat, lease: RunLease,
                  targets: dict[str, str], manifests: dict[str, dict], shards: list[Shard]):
-        self.progress, self.job, self.model_id, self.lease = progress, job, model_id, lease
+        self.progress, self.job, self.output, self.lease = progress, job, output, lease
         self.targets, self.manifests = targets, manifests
         self.by_uri = {s.uri: s for s in shards}
         self.ready: dict[str, list[CompletedShard]] = defaultdict(list)
@@ -506,7 +507,7 @@ class _RetryWriter(_Writer):
             rows = [_not_at(s.rows, good) for s in shards]  # a good row read again for its key's sake goes
             redone = {place for r in rows for place in zip(r["shard"].to_pylist(), r["seq"].to_pylist())}
             keep = [place not in redone for place in places]
-            table = _merged(old.filter(pa.array(keep, pa.bool_())), _output(self.job, self.model_id, rows))
+            table = _merged(old.filter(pa.array(keep, pa.bool_())), self.output.table(rows))
             # Back in (shard, seq) order, as every data file is: a later retry finds rows by their place.
             order = [place for place, kept in zip(places, keep) if kept] + sorted(redone)
             table = table.take(sorted(range(len(order)), key=order.__getitem__)).replace_schema_metadata(None)
@@ -590,14 +591,37 @@ def _as_text(values: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
 
 def _source_to_shard(file_shards: list[str], sources: list[str], by_uri: dict[str, Shard]) -> list[str]:
     """The shard of each row: its source, or for image folders the shard that lists the file."""
-    owner = {f: uri for uri in file_shards if uri in by_uri for f in by_uri[uri].files}
+    # A row's source is valid UTF-8 (sources.valid_utf8); the listing keeps the file's raw name.
+    owner = {valid_utf8(f): uri for uri in file_shards if uri in by_uri for f in by_uri[uri].files}
     return [owner.get(s, s) for s in sources]
 
 
-def _output(job: CaptionJob, model_id: str, parts: list[pa.Table]) -> pa.Table:
-    rows = pa.concat_tables(parts)
-    return output_table(rows, model_id, job.generation.num_return_sequences > 1, job.output.include_image,
-                        job.output.quality)
+@dataclass(frozen=True)
+class _OutputFormat:
+    """How captioned rows become output rows: the job's settings, the model's id, and the source's
+    own column types (see `sink.output_table`)."""
+
+    job: CaptionJob
+    model_id: str
+    source_types: dict[str, pa.DataType]
+
+    def table(self, parts: list[pa.Table]) -> pa.Table:
+        job = self.job
+        return output_table(pa.concat_tables(parts), self.model_id, job.generation.num_return_sequences > 1,
+                            job.output.include_image, job.output.quality, self.source_types)
+
+
+def _source_types(job: CaptionJob, shards: list[Shard], done: set[str]) -> dict[str, pa.DataType]:
+    """A Parquet input's column types, from the first shard still to do (any will do: their schemas
+    are the dataset's); none for WebDataset and image files, whose metadata is text."""
+    todo = next((s for s in shards if s.uri not in done), None) if job.input.format == "parquet" else None
+    if todo is None:
+        return {}
+    try:
+        schema = parquet_schema(todo.uri, job.input.storage_options)
+    except Exception:  # noqa: BLE001  (a damaged first file: the run records it; rows then type themselves)
+        return {}
+    return {f.name: f.type for f in schema}
 
 
 def _wave_size(job: CaptionJob, shards: int) -> int:

@@ -695,6 +695,13 @@ class _TarSamples:
         return Record(f"{self.stem}/{key}", self.uri, data, metadata, error)
 
 
+def parquet_schema(uri: str, options: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of a Parquet shard, from its footer alone."""
+    fs, path = _shard_filesystem(uri, options)
+    with fs.open(path, "rb", cache_type="none") as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
 def _read_parquet(uri: str, options: dict, image_column: str | None) -> Iterator[Record]:
     fs, path = _shard_filesystem(uri, options)
     stem, folder, rows = shard_stem(uri), posixpath.dirname(uri), 0

@@ -189,8 +189,7 @@ def _metadata_columns(record: Record, format: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _image_processor(config_json: str) -> GitImageProcessor:
     processor = GitImageProcessor.from_dict(json.loads(config_json))
-    if processor.output_size is None:
-        raise ValueError("the model's image processor gives crops of varying sizes; GIT needs do_center_crop")
+    processor.fixed_output_size()  # crops of one size, or a ValueError saying why not
     return processor
 
 

@@ -68,6 +68,25 @@ def test_parquet_source_keeps_its_other_columns(tmp_path, tiny_model):
     assert row["source_width"] == row["width"] == 96 and row["index"] == 4
 
 
+def test_every_data_file_keeps_a_parquet_sources_column_types(tmp_path, tiny_model):
+    """A nullable column that is all null in one wave would type itself as text there and as a
+    number elsewhere: readers, which take a folder's schema from one file, then fail or mix types."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = scene_jpeg(0)
+    for name, watermark in (("0.parquet", [None, None]), ("1.parquet", [0.25, None])):
+        pq.write_table(pa.table({"image": [image, image], "pwatermark": pa.array(watermark, pa.float64()),
+                                 "n": pa.array([None, None], pa.int32())}), folder / name)
+    run_caption_job(job(str(folder), str(tmp_path / "out"), tiny_model, input={"format": "parquet"}))
+
+    files = sorted((tmp_path / "out").glob("*.parquet"))
+    assert len(files) == 2  # a wave per shard
+    for file in files:
+        schema = pq.read_schema(file)
+        assert (schema.field("pwatermark").type, schema.field("n").type) == (pa.float64(), pa.int32()), file.name
+    assert sorted(pd.read_parquet(tmp_path / "out")["pwatermark"].dropna()) == [0.25]
+
+
 def test_image_folder_source_with_the_images_kept(tmp_path, tiny_model):
     write_scenes(str(tmp_path / "in"), count=7, seed=1, format="images")
     summary = run_caption_job(job(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model,

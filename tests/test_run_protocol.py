@@ -28,7 +28,7 @@ from pipeline.progress import (
     job_status,
     new_run_record,
 )
-from pipeline.runner import CompletedShard, ShardAssembler, _retry_tasks, _RetryWriter, _Run, _WaveWriter
+from pipeline.runner import CompletedShard, ShardAssembler, _OutputFormat, _retry_tasks, _RetryWriter, _Run, _WaveWriter
 from pipeline.sources import Shard
 from pipeline.storage import Folder
 
@@ -66,7 +66,7 @@ def completed(shard: str, seqs, **values) -> CompletedShard:
 
 
 def commit(progress: JobProgress, job: CaptionJob, run_id: str, *shards: CompletedShard) -> None:
-    writer = _WaveWriter(progress, job, "m", RunLease(progress, new_run_record(run_id, False)), len(shards), 60)
+    writer = _WaveWriter(progress, job, _OutputFormat(job, "m", {}), RunLease(progress, new_run_record(run_id, False)), len(shards), 60)
     for shard in shards:
         writer.add(shard)
     writer.flush()
@@ -98,7 +98,7 @@ def test_a_run_keeps_its_lease_while_no_result_arrives(tmp_path, fast_lease, mon
         time.sleep(3 * progress_module.STALE_RUN_S)
         yield from ()
 
-    run.execute(loading_the_model(), _WaveWriter(progress, job, "m", run.lease, 1, 60), 4, None)
+    run.execute(loading_the_model(), _WaveWriter(progress, job, _OutputFormat(job, "m", {}), run.lease, 1, 60), 4, None)
     seen_from_another_host(monkeypatch)
     with pytest.raises(ConcurrentRunError, match=f"being written by run {run.id}"):
         JobProgress(Folder(str(tmp_path))).check(job)
@@ -144,7 +144,7 @@ def test_a_lease_that_cannot_be_renewed_is_lost_and_nothing_more_is_committed(tm
         lease.check()
     assert "could not renew run r1's record" in caplog.text  # each failure was said, not swallowed
 
-    writer = _WaveWriter(progress, job, "m", lease, 1, 60)
+    writer = _WaveWriter(progress, job, _OutputFormat(job, "m", {}), lease, 1, 60)
     writer.add(completed("s0", range(2)))
     with pytest.raises(LeaseLostError):
         writer.flush()
@@ -211,7 +211,7 @@ def test_a_run_holds_the_output_until_its_views_are_finished(tmp_path, monkeypat
     run = _Run(progress, time.time(), False)
     progress.claim(run.lease.record)
     run.lease.start()
-    writer = _WaveWriter(progress, job, "m", run.lease, 1, 60)
+    writer = _WaveWriter(progress, job, _OutputFormat(job, "m", {}), run.lease, 1, 60)
     for shard in ("s0", "s1"):
         writer.add(completed(shard, range(2)))
         writer.flush()
@@ -283,7 +283,7 @@ def test_a_run_counts_each_committed_image_once(tmp_path):
                                "marker": '{"rows": 1, "storage_error": "s2: storage failed"}'}], schema=RESULT_SCHEMA),
     ]
     shown = []
-    writer = _WaveWriter(progress, job, "m", run.lease, 1, 60)
+    writer = _WaveWriter(progress, job, _OutputFormat(job, "m", {}), run.lease, 1, 60)
     run.execute(iter(blocks), writer, 3, shown.append)
     summary = run.finish(job, writer, True)
 
@@ -303,7 +303,7 @@ def test_a_retry_redoes_the_failed_row_of_a_key_that_is_there_twice(tmp_path):
 
     (task,), targets = _retry_tasks(progress, manifests, [shard])
     assert task.skip_keys == {"y"}  # x is read again: one of its rows failed
-    writer = _RetryWriter(progress, job, "m", RunLease(progress, new_run_record("r2", False)), targets, manifests,
+    writer = _RetryWriter(progress, job, _OutputFormat(job, "m", {}), RunLease(progress, new_run_record("r2", False)), targets, manifests,
                           [shard])
     writer.add(completed(shard.uri, [0, 2], keys=twice))  # both x rows came back, captioned
     writer.flush()
@@ -318,7 +318,7 @@ def test_a_retry_keeps_the_old_files_column_types_or_makes_them_text(tmp_path):
     progress = JobProgress(Folder(str(tmp_path)))
     commit(progress, job, "r1", completed(shard.uri, range(3), errors={1, 2}, meta=lambda s: {"pwatermark": 0.5}))
     manifests = progress.reconcile()
-    retry = _RetryWriter(progress, job, "m", RunLease(progress, new_run_record("r2", False)),
+    retry = _RetryWriter(progress, job, _OutputFormat(job, "m", {}), RunLease(progress, new_run_record("r2", False)),
                          {shard.uri: next(iter(manifests))}, manifests, [shard])
 
     retry.add(completed(shard.uri, [1], meta=lambda s: {"pwatermark": None}))  # all null: typed text in this wave
