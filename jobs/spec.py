@@ -163,7 +163,21 @@ def _check_model(job: CaptionJob) -> tuple[str, str]:
         raise JobConfigError("model.path", f"{path} is not a GIT checkpoint folder (no {' or '.join(missing)})")
     positions = _read_config(folder).max_position_embeddings
     _check_text_positions(job.generation, _prompt_length(folder, job.generation.prompt), positions, path)
+    _check_generation_config(folder, job.generation.do_sample)
     return path, model_id
+
+
+def _check_generation_config(folder: CheckpointFolder, do_sample: bool) -> None:
+    """generation_config.json may set what transformers applies and gitmodel does not implement
+    (bad_words_ids, ...): every worker would refuse it at start, so refuse it here."""
+    from gitmodel.config import GenerationConfig
+
+    if not folder.exists("generation_config.json"):
+        return
+    try:
+        GenerationConfig.from_dict(folder.read_json("generation_config.json")).check_supported(do_sample)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise JobConfigError("model.path", f"{folder.path}/generation_config.json: {err}") from None
 
 
 def _read_config(folder: CheckpointFolder) -> GitConfig:

@@ -179,6 +179,18 @@ def test_preflight_names_a_config_json_that_is_not_a_git_config(tmp_path, tiny_m
     assert err.field == "model.path" and message in str(err)
 
 
+def test_preflight_refuses_generation_defaults_gitmodel_does_not_implement(tmp_path, tiny_model):
+    import shutil
+
+    write_scene_shards(tmp_path / "in", shards=1, per_shard=1)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    defaults = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**defaults, "bad_words_ids": [[7]]}))
+    err = error_of(preflight, CaptionJob.from_dict(minimal(tmp_path, str(model))))
+    assert err.field == "model.path" and "bad_words_ids=[[7]]" in str(err)
+
+
 def test_preflight_finds_the_parquet_image_column_as_the_reader_does(tmp_path, tiny_model):
     import pyarrow as pa
     import pyarrow.parquet as pq
