@@ -103,7 +103,8 @@ def model_only(model: str, inputs: str, args, threads: int) -> float:
     from gitmodel.image_processing import GitImageProcessor
     from pipeline.captioner import Captioner, CaptionerConfig
     from pipeline.decode import decode_image
-    from pipeline.sources import list_shards, read_shard
+    from pipeline.listing import list_shards
+    from pipeline.sources import read_shard
 
     processor = GitImageProcessor.from_pretrained(model)
     keys, crops = [], []

@@ -1,7 +1,8 @@
 """Fine-tuning GIT on image–caption pairs read from the pipeline's input formats, and the recipe of
 the bundled scene captioner.
 
-Pairs come from the same sources a captioning job reads (`pipeline.sources`), with the caption:
+Pairs come from the same sources a captioning job reads (`pipeline.listing`, `pipeline.sources`), with
+the caption:
 - "webdataset": the sample's `.txt` member (else the `caption` field of its `.json`);
 - "parquet": the `caption` (else `text`) column;
 - "images": the `KEY.txt` file beside each image `KEY.jpg`.
@@ -34,7 +35,8 @@ from gitmodel import GitConfig, GitForCausalLM, GitImageProcessor, GitProcessor,
 from gitmodel.tokenization import SPECIAL_TOKENS, bert_wordpiece
 from gitmodel.training import CaptionDataset, TrainingArguments, evaluate, fresh_model, train
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.sources import Record, list_shards, read_shard
+from pipeline.listing import list_shards
+from pipeline.sources import Record, read_shard
 
 CAPTION_FIELDS = {"webdataset": ("txt",), "parquet": ("caption", "text"), "images": ("txt",)}
 

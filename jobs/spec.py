@@ -88,7 +88,8 @@ def preflight(job: CaptionJob) -> PreflightReport:
     its first object reads, the output location accepts a write and a delete (and holds no
     progress of a job with other settings), the model resolves."""
     from pipeline.progress import JobProgress
-    from pipeline.sources import SourceError, list_shards
+    from pipeline.listing import list_shards
+    from pipeline.sources import SourceError
 
     try:
         shards = list_shards(job.input.path, job.input.format, job.input.storage_options, job.input.images_per_shard)
@@ -119,14 +120,14 @@ def _check_image_column(url: str, spec: InputConfig) -> None:
     """Find the first file's image column as the reader will: with a wrong `image_column`, every
     file would become a failed source, and a rerun with the name fixed would be refused (the name is
     part of the job's fingerprint)."""
-    from pipeline.sources import _image_column, parquet_schema
+    from pipeline.sources import image_column, parquet_schema
 
     try:
         schema = parquet_schema(url, spec.storage_options)
     except Exception:  # noqa: BLE001  (it read a moment ago: so a damaged file, the run's to record as failed)
         return
     try:
-        _image_column(schema, spec.image_column)
+        image_column(schema, spec.image_column)
     except ValueError as err:
         raise JobConfigError("input.image_column", f"{url} has {err}") from None
 

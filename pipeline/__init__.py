@@ -1,6 +1,7 @@
 """The captioning pipeline, in the order data flows:
 
-    sources   list input shards at any fsspec URL; stream each one's records
+    listing   list input shards at any fsspec URL
+    sources   stream one shard's records (and the Shard and Record types)
     decode    image bytes -> an 8-bit PIL image, or a reason code
     stages    read + decode + crop to uint8, one shard per CPU task (Ray Data map_batches)
     captioner the GIT actor: normalise on its device, generate, decode text

@@ -60,9 +60,10 @@ from gitmodel.image_processing import GitImageProcessor
 from pipeline.captioner import Captioner, CaptionerConfig, resolve_model
 from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
+from pipeline.listing import list_shards
 from pipeline.progress import SUCCESS_FILE, JobProgress, RunLease, new_run_record
 from pipeline.sink import output_table, file_summary
-from pipeline.sources import Shard, is_shard_failure, list_shards, parquet_schema, valid_utf8
+from pipeline.sources import Shard, is_shard_failure, parquet_schema, valid_utf8
 from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
 from pipeline.views import finish_dataset, publish_views

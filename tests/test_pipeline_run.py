@@ -125,7 +125,7 @@ def test_a_storage_outage_stops_the_run_and_the_next_run_resumes(tmp_path, tiny_
     from pipeline import runner
     from pipeline.captioner import resolve_model
     from pipeline.runner import StorageUnavailableError
-    from pipeline.sources import list_shards
+    from pipeline.listing import list_shards
     from tests.conftest import S3Server
 
     streak = 2  # of 16: each failed shard waits out its retries (~9 s), and this test should not

@@ -23,7 +23,8 @@ from s3fs.errors import translate_boto_error
 
 from gitmodel.image_processing import GitImageProcessor
 from pipeline import stages
-from pipeline.sources import Record, Shard, ShardError, list_shards, read_shard
+from pipeline.listing import list_shards
+from pipeline.sources import Record, Shard, ShardError, read_shard
 from pipeline.stages import PreprocessConfig, ShardTask, preprocess_shard
 from tests.pipeline_fixtures import scene_jpeg, tar_bytes
 from tests.test_sources import latin1_tar

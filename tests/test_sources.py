@@ -16,16 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources
-from pipeline.sources import (
-    Record,
-    Shard,
-    ShardError,
-    SourceError,
-    expand_braces,
-    list_shards,
-    read_shard,
-    shard_stem,
-)
+from pipeline.listing import expand_braces, list_shards
+from pipeline.sources import Record, Shard, ShardError, SourceError, read_shard, shard_stem
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"  # sources never decode: any bytes stand for an image
 PNG = b"\x89PNG\r\n\x1a\nfake-png-bytes"
