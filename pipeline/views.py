@@ -159,13 +159,35 @@ def write_webdataset_tar(table: pa.Table, f: BinaryIO, mtime: int) -> None:
     described = [
         n for n in ok.column_names if n not in ("image", "error") and not pa.types.is_binary(ok.schema.field(n).type)
     ]
+    names = SampleNames()
     with tarfile.open(fileobj=f, mode="w|") as tar:
         for batch in ok.to_batches(max_chunksize=TAR_BATCH_ROWS):
             for image, row in zip(batch.column("image").to_pylist(), batch.select(described).to_pylist()):
-                key = row["key"].replace(".", "_")
-                _add_member(tar, f"{key}.{image_extension(image['bytes'])}", image["bytes"], mtime)
-                _add_member(tar, f"{key}.txt", row["caption"].encode(), mtime)
-                _add_member(tar, f"{key}.json", json.dumps(row, ensure_ascii=False, default=str).encode(), mtime)
+                name = names.of(row["key"])
+                _add_member(tar, f"{name}.{image_extension(image['bytes'])}", image["bytes"], mtime)
+                _add_member(tar, f"{name}.txt", row["caption"].encode(), mtime)
+                _add_member(tar, f"{name}.json", json.dumps(row, ensure_ascii=False, default=str).encode(), mtime)
+
+
+class SampleNames:
+    """The name of each key's sample in one tar (its members are NAME.jpg, NAME.txt, NAME.json; the
+    key itself is in the json). WebDataset readers end a sample's name at the first dot of a member's
+    file name, so dots become `_`; empty, `.` and `..` path parts are dropped, so that unpacking a tar
+    never writes outside its folder; and a name already given in this tar (a repeated key, or `a.b`
+    beside `a_b`) gets `_2`, `_3`, ...: two samples of one name would be read as one, or refused."""
+
+    def __init__(self) -> None:
+        self.given: set[str] = set()
+
+    def of(self, key: str) -> str:
+        parts = [part.replace(".", "_") for part in key.split("/") if part not in ("", ".", "..")]
+        base = "/".join(parts) or "_"
+        name, n = base, 1
+        while name in self.given:
+            n += 1
+            name = f"{base}_{n}"
+        self.given.add(name)
+        return name
 
 
 def image_extension(data: bytes) -> str:

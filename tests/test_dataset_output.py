@@ -22,7 +22,10 @@ from pipeline.progress import JobProgress
 from pipeline.quality import FLAG_CODES, caption_flags, caption_words, has_repeated_ngram
 from pipeline.sink import ParquetSink, file_summary, output_table
 from pipeline.storage import Folder
-from pipeline.views import CARD_FILE, FILTERED, RECORDS, WEBDATASET, filtered_view, finish_dataset, publish_views
+from pipeline.views import (
+    CARD_FILE, FILTERED, RECORDS, WEBDATASET, SampleNames, filtered_view, finish_dataset, publish_views,
+    write_webdataset_tar,
+)
 from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
     assert_each_key_once,
     job,
@@ -197,6 +200,21 @@ def read_tars(tars: list[bytes]) -> dict[str, dict[str, bytes]]:
     return dict(samples)
 
 
+def test_tar_sample_names_are_unique_safe_and_end_before_the_first_dot():
+    names = SampleNames()
+    given = [names.of(key) for key in ["a.b.jpg", "a_b_jpg", "p/1", "p/1", "", "../../etc/x.y", "/abs//k", "p/1"]]
+    assert given == ["a_b_jpg", "a_b_jpg_2", "p/1", "p/1_2", "_", "etc/x_y", "abs/k", "p/1_3"]
+    image = scene_jpeg(0)
+    table = pa.table({"key": ["a.b.jpg", "a_b.jpg", "x"], "caption": ["one", "two", "three"],
+                      "error": pa.array([None, None, None], pa.string()),
+                      "image": [{"bytes": image, "path": k} for k in ("a.b.jpg", "a_b.jpg", "x")]})
+    buffer = io.BytesIO()
+    write_webdataset_tar(table, buffer, mtime=0)
+    samples = read_tars([buffer.getvalue()])  # refuses a member name twice, as WebDataset does
+    assert {name: json.loads(s["json"])["key"] for name, s in samples.items()} == {
+        "a_b_jpg": "a.b.jpg", "a_b_jpg_2": "a_b.jpg", "x": "x"}
+
+
 def local_tars(out) -> list[bytes]:
     return [p.read_bytes() for p in sorted((out / WEBDATASET).glob("*.tar"))]
 
@@ -238,7 +256,7 @@ def test_dataset_outputs_each_row_once_for_every_reader(tmp_path, tiny_model):
     assert len(list((out / FILTERED).iterdir())) == 3  # one per data file
 
     samples = read_tars(local_tars(out))
-    assert set(samples) == {k.replace(".", "_") for k in ok["key"]}  # the error row is not there
+    assert set(samples) == set(ok["key"])  # the error row is not there (these keys have no dots)
     for key, caption, index in zip(ok["key"], ok["caption"], ok["txt"]):
         sample = samples[key]
         assert sample["txt"].decode() == caption and sorted(sample) == ["jpg", "json", "txt"]
