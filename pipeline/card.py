@@ -56,7 +56,10 @@ def file_stats(table: pa.Table) -> dict[str, Any]:
 
 
 def _score_bin(score: float) -> float:
-    """The lower edge of the score's bin."""
+    """The lower edge of the score's bin; the lowest bin for -inf or NaN (a model in fp16 that
+    overflowed), which would stop the card rather than land anywhere."""
+    if not math.isfinite(score):
+        return SCORE_FLOOR
     return max(SCORE_FLOOR, math.floor(score / SCORE_BIN) * SCORE_BIN)
 
 

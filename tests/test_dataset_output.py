@@ -350,3 +350,10 @@ def test_dataset_outputs_on_s3(tiny_model, s3_server, s3_bucket):
     assert "| ok | 6 |" in fs.cat_file(f"{s3_bucket}/out/{CARD_FILE}").decode()
     assert len(pd.read_parquet(out, storage_options=options)) == 6
     assert pq.read_table(f"{s3_bucket}/out", filesystem=fs).num_rows == 6
+
+
+def test_a_score_that_is_not_a_number_lands_in_the_lowest_bin_of_the_card():
+    from pipeline.card import SCORE_FLOOR, _score_bin
+
+    assert _score_bin(float("-inf")) == _score_bin(float("nan")) == SCORE_FLOOR
+    assert _score_bin(-0.7) == -1.0
