@@ -268,21 +268,32 @@ def _checkpoints(output_dir: str, options: dict[str, Any]) -> list[tuple[int, st
     found = []
     for path in fs.ls(root, detail=False):
         match = _CHECKPOINT.search(path.rstrip("/"))
-        # training_state.pt is written last: a folder without it is a save that did not finish.
+        # training_state.pt appears last, and whole (see save_checkpoint): a folder without it is a
+        # save that did not finish.
         if match and fs.exists(posixpath.join(path, TRAINING_STATE)):
             found.append((int(match.group(1)), posixpath.join(output_dir.rstrip("/"), posixpath.basename(path))))
     return sorted(found)
 
 
 def save_checkpoint(trainer: Trainer, path: str) -> None:
-    """Weights and processor in the Hugging Face layout, then the state that resuming needs."""
+    """Weights and processor in the Hugging Face layout, then the state that resuming needs.
+
+    The folder counts as a checkpoint once `training_state.pt` exists, so that file is written
+    under another name and renamed as the very last step: a save cut short (a crash, a full disk)
+    leaves no `training_state.pt`, never a torn one. The rename is atomic on a local disk; on an
+    object store fsspec's move is a server-side copy, which makes the object appear whole or not at all.
+    """
     options = trainer.args.storage_options
+    fs, root = url_to_fs(path, **options)
+    marker = posixpath.join(root, TRAINING_STATE)
+    if fs.exists(marker):  # rewriting a folder: it is incomplete until the new state is in place
+        fs.rm(marker)
     trainer.model.save_pretrained(path, options)
     trainer.processor.save_pretrained(path, options)
-    fs, root = url_to_fs(path, **options)
     with fs.open(posixpath.join(root, TRAINER_STATE), "w") as f:
         json.dump({"step": trainer.step, "args": _json_args(trainer.args), "log": trainer.log}, f, indent=2)
-    with fs.open(posixpath.join(root, TRAINING_STATE), "wb") as f:
+    partial = marker + ".partial"
+    with fs.open(partial, "wb") as f:
         torch.save(
             {
                 "step": trainer.step,
@@ -293,6 +304,7 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
             },
             f,
         )
+    fs.mv(partial, marker)
 
 
 def load_checkpoint(trainer: Trainer, path: str) -> None:

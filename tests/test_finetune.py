@@ -183,6 +183,37 @@ def test_resume_continues_exactly_where_the_interrupted_run_stopped(tiny_parts, 
     assert [e["eval_loss"] for e in resumed.log] == [e["eval_loss"] for e in whole.log]
 
 
+def test_a_checkpoint_whose_save_was_cut_short_is_not_resumed_from(tiny_parts, tmp_path, monkeypatch):
+    import io
+
+    _, processor, data = tiny_parts
+    fresh = lambda: starting_point(config=tiny_config(), processor=processor, seed=3)[0]  # noqa: E731
+    real_save = torch.save
+
+    def disk_full_halfway(obj, f):  # the training state of checkpoint-8 gets half written, then the disk is full
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError("No space left on device")
+
+    trainer = Trainer(fresh(), processor, data, None, args_for(tmp_path, eval_every=0))
+    real_checkpoint = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: (
+        self.step == 8 and monkeypatch.setattr(torch, "save", disk_full_halfway)) or real_checkpoint(self))
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint-8").is_dir()
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")  # the newest complete one
+
+    steps_run = []
+    real_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: steps_run.append(self.step) or real_step(self))
+    assert Trainer(fresh(), processor, data, None, args_for(tmp_path, eval_every=0)).train()["step"] == 8
+    assert steps_run == [4, 5, 6, 7]
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-8")
+
+
 def test_a_finished_run_is_not_trained_again(tiny_parts, tmp_path, monkeypatch):
     model, processor, data = tiny_parts
     model = starting_point(config=tiny_config(), processor=processor)[0]
