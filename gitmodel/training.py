@@ -12,6 +12,7 @@ and RNG state, so a run resumed from its last checkpoint continues exactly as if
 Layout of `output_dir`: the final model in the Hugging Face layout at its top (config.json,
 model.safetensors, generation_config.json, processor files, metrics.json), and while training,
 `checkpoint-{step}/` folders (the same files plus `training_state.pt` and `trainer_state.json`).
+A run that does not resume (`resume=False`) first deletes the checkpoint folders it finds there.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TrainingArguments:
     eval_batch_size: int = 64
     max_new_tokens: int | None = None  # for exact-match; default: the longest held-out caption
     seed: int = 0
-    resume: bool = True  # continue from the last checkpoint in output_dir, if there is one
+    resume: bool = True  # continue from the last checkpoint in output_dir; False deletes its checkpoints first
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -261,7 +262,7 @@ def latest_checkpoint(output_dir: str, storage_options: dict[str, Any] | None = 
     return found[-1][1] if found else None
 
 
-def _checkpoints(output_dir: str, options: dict[str, Any]) -> list[tuple[int, str]]:
+def _checkpoints(output_dir: str, options: dict[str, Any], complete_only: bool = True) -> list[tuple[int, str]]:
     fs, root = url_to_fs(output_dir, **options)
     if not fs.isdir(root):
         return []
@@ -270,7 +271,7 @@ def _checkpoints(output_dir: str, options: dict[str, Any]) -> list[tuple[int, st
         match = _CHECKPOINT.search(path.rstrip("/"))
         # training_state.pt appears last, and whole (see save_checkpoint): a folder without it is a
         # save that did not finish.
-        if match and fs.exists(posixpath.join(path, TRAINING_STATE)):
+        if match and (not complete_only or fs.exists(posixpath.join(path, TRAINING_STATE))):
             found.append((int(match.group(1)), posixpath.join(output_dir.rstrip("/"), posixpath.basename(path))))
     return sorted(found)
 
@@ -370,12 +371,15 @@ class Trainer:
         args = self.args
         torch.manual_seed(args.seed)
         resumed_from = latest_checkpoint(args.output_dir, args.storage_options) if args.resume else None
+        cleared = [] if args.resume else self.clear_checkpoints()
         if resumed_from:
             load_checkpoint(self, resumed_from)
         self.model.train()
         bar = tqdm(total=args.max_steps, initial=self.step, disable=not args.progress, desc="training", unit="step")
         if resumed_from:
             bar.write(f"resumed from {resumed_from} at step {self.step}")
+        if cleared:
+            bar.write(f"not resuming: deleted the {len(cleared)} checkpoint folders of an earlier run in {args.output_dir}")
         running_loss = None
         while self.step < args.max_steps:
             loss = self.train_step()
@@ -417,6 +421,21 @@ class Trainer:
             f"step {self.step}: train loss {extra.get('loss', float('nan')):.4f}, eval loss {metrics['eval_loss']:.4f}, "
             f"token accuracy {metrics['token_accuracy']:.4f}, exact match {metrics['exact_match']:.4f}"
         )
+
+    def clear_checkpoints(self) -> list[str]:
+        """Delete every `checkpoint-*` folder in `output_dir` (finished or not); return them.
+
+        A run that does not resume starts over, as a Hugging Face Trainer does with
+        `overwrite_output_dir`: an earlier run's checkpoints left beside this run's would be
+        counted with them when old ones are pruned (deleting this run's newer saves, whose step
+        numbers are lower), and a later resume would pick whichever has the highest step.
+        """
+        options = self.args.storage_options
+        found = [path for _, path in _checkpoints(self.args.output_dir, options, complete_only=False)]
+        for path in found:
+            fs, root = url_to_fs(path, **options)
+            fs.rm(root, recursive=True)
+        return found
 
     def save(self) -> str:
         """Write `checkpoint-{step}`, then delete all but the last `keep_checkpoints` of them."""

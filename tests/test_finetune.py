@@ -214,6 +214,20 @@ def test_a_checkpoint_whose_save_was_cut_short_is_not_resumed_from(tiny_parts, t
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-8")
 
 
+def test_a_run_that_does_not_resume_replaces_the_earlier_runs_checkpoints(tiny_parts, tmp_path, capsys):
+    _, processor, data = tiny_parts
+    fresh = lambda: starting_point(config=tiny_config(), processor=processor, seed=3)[0]  # noqa: E731
+    Trainer(fresh(), processor, data, None, args_for(tmp_path, save_every=2, eval_every=0)).train()
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-8")
+    (tmp_path / "checkpoint-10").mkdir()  # a save of the earlier run that never finished goes too
+
+    again = args_for(tmp_path, max_steps=4, save_every=2, eval_every=0, resume=False)
+    Trainer(fresh(), processor, data, None, again).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert "deleted the 3 checkpoint folders of an earlier run" in capsys.readouterr().out
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")  # what a later resume continues
+
+
 def test_a_finished_run_is_not_trained_again(tiny_parts, tmp_path, monkeypatch):
     model, processor, data = tiny_parts
     model = starting_point(config=tiny_config(), processor=processor)[0]
