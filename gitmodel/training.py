@@ -311,6 +311,12 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
 def load_checkpoint(trainer: Trainer, path: str) -> None:
     """Weights, optimizer, scheduler, RNG and step from a checkpoint folder, into `trainer`."""
     fs, root = url_to_fs(path, **trainer.args.storage_options)
+    saved = GitProcessor.from_pretrained(path, trainer.args.storage_options).tokenizer
+    if trainer.processor.tokenizer.backend_tokenizer.get_vocab() != saved.backend_tokenizer.get_vocab():
+        raise ValueError(
+            f"the tokenizer given to the trainer is not the one saved in {path}, with which its weights were "
+            "trained (token ids would mean other tokens): resume with the checkpoint's processor"
+        )
     state = load_safetensors(fs.cat_file(posixpath.join(root, "model.safetensors")))
     trainer.model.load_state_dict(state, strict=True)
     with fs.open(posixpath.join(root, TRAINING_STATE), "rb") as f:

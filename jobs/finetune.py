@@ -10,7 +10,8 @@ the caption:
 does not decode, or that have no caption, are skipped and counted.
 
 The held-out set is `eval_input`, or else a fixed fraction of the training input chosen by a hash
-of each sample's key (the same samples every run). Training itself is `gitmodel.training`.
+of each sample's key (the same samples every run). Training itself is `gitmodel.training`; a run
+that resumes from a checkpoint takes the processor (tokenizer) saved in it, never a new one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fsspec.core import url_to_fs
 
 from gitmodel import GitConfig, GitForCausalLM, GitImageProcessor, GitProcessor, GitTokenizer, GitVisionConfig
 from gitmodel.tokenization import SPECIAL_TOKENS, bert_wordpiece
-from gitmodel.training import CaptionDataset, TrainingArguments, evaluate, fresh_model, train
+from gitmodel.training import CaptionDataset, TrainingArguments, evaluate, fresh_model, latest_checkpoint, train
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.listing import list_shards
 from pipeline.sources import Record, read_shard
@@ -268,6 +269,12 @@ def finetune(
     if not train_pairs:
         raise ValueError(f"no image–caption pairs to train on in {train_input} ({train_stats})")
 
+    # A resumed run reads its captions with the processor its weights were trained with, the one in
+    # the checkpoint: a tokenizer trained again need not give each token the same id.
+    resuming = latest_checkpoint(args.output_dir, args.storage_options) if args.resume else None
+    if resuming:
+        log(f"resuming: using the processor saved in {resuming}")
+        processor = GitProcessor.from_pretrained(resuming, args.storage_options)
     model_, processor_ = starting_point(
         model, config, processor, [p.caption for p in train_pairs], vocab_size, args.seed, options
     )

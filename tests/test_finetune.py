@@ -228,6 +228,43 @@ def test_a_run_that_does_not_resume_replaces_the_earlier_runs_checkpoints(tiny_p
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-4")  # what a later resume continues
 
 
+def _tokenizer_in_another_order(tokenizer):
+    """The same tokens with other ids, as training a tokenizer again in another process can give."""
+    from gitmodel import GitTokenizer
+    from gitmodel.tokenization import bert_wordpiece
+
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    reordered = tokens[:5] + tokens[5:][::-1]  # the special tokens keep their ids
+    vocab = {token: i for i, token in enumerate(reordered)}
+    return GitTokenizer(bert_wordpiece(vocab), model_max_length=tokenizer.model_max_length)
+
+
+def test_a_resumed_fresh_config_run_keeps_the_checkpoints_tokenizer(scenes_dir, tmp_path, monkeypatch):
+    import jobs.finetune
+    from jobs.finetune import finetune
+
+    run = dict(config=tiny_config(0.0), vocab_size=80, eval_fraction=0.25, log=lambda *_: None)
+    finetune(str(scenes_dir / "webdataset"), args_for(tmp_path, max_steps=2, save_every=2, eval_every=0), **run)
+    saved = GitProcessor.from_pretrained(tmp_path / "checkpoint-2").tokenizer.backend_tokenizer.get_vocab()
+
+    real_train_tokenizer = jobs.finetune.train_tokenizer
+    retrained = lambda *a: _tokenizer_in_another_order(real_train_tokenizer(*a))  # noqa: E731
+    monkeypatch.setattr(jobs.finetune, "train_tokenizer", retrained)
+    finetune(str(scenes_dir / "webdataset"), args_for(tmp_path, max_steps=4, save_every=2, eval_every=0), **run)
+    assert GitProcessor.from_pretrained(tmp_path).tokenizer.backend_tokenizer.get_vocab() == saved
+    assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_resuming_with_another_tokenizer_than_the_checkpoints_is_refused(tiny_parts, tmp_path):
+    _, processor, data = tiny_parts
+    fresh = lambda: starting_point(config=tiny_config(), processor=processor, seed=3)[0]  # noqa: E731
+    Trainer(fresh(), processor, data, None, args_for(tmp_path, max_steps=2, eval_every=0)).train()
+    other = GitProcessor(processor.image_processor, _tokenizer_in_another_order(processor.tokenizer))
+    with pytest.raises(ValueError, match="not the one saved in .*checkpoint-2"):
+        Trainer(fresh(), other, data, None, args_for(tmp_path, max_steps=4, eval_every=0)).train()
+
+
 def test_a_finished_run_is_not_trained_again(tiny_parts, tmp_path, monkeypatch):
     model, processor, data = tiny_parts
     model = starting_point(config=tiny_config(), processor=processor)[0]
