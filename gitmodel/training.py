@@ -301,6 +301,8 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                # dropout on a GPU draws from the CUDA generators: one state per device
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "log": trainer.log,
             },
             f,
@@ -309,7 +311,7 @@ def save_checkpoint(trainer: Trainer, path: str) -> None:
 
 
 def load_checkpoint(trainer: Trainer, path: str) -> None:
-    """Weights, optimizer, scheduler, RNG and step from a checkpoint folder, into `trainer`."""
+    """Weights, optimizer, scheduler, RNG (CPU and CUDA) and step from a checkpoint folder, into `trainer`."""
     fs, root = url_to_fs(path, **trainer.args.storage_options)
     saved = GitProcessor.from_pretrained(path, trainer.args.storage_options).tokenizer
     if trainer.processor.tokenizer.backend_tokenizer.get_vocab() != saved.backend_tokenizer.get_vocab():
@@ -324,6 +326,9 @@ def load_checkpoint(trainer: Trainer, path: str) -> None:
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
+    cuda_states = saved.get("cuda_rng", [])  # absent in checkpoints from before it was saved
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     trainer.step = saved["step"]
     trainer.log = saved["log"]
 
