@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pipeline.cluster import ClusterCapacity, cluster_capacity, describe_compute, resolve_compute
 from pipeline.job import CaptionJob
-from pipeline.progress import describe_failures
+from pipeline.progress import RAY_JOB_ENV, describe_failures
 from pipeline.runner import ProgressUpdate, RunSummary
 
 
@@ -90,7 +90,7 @@ def resolve_job_compute(job: CaptionJob, capacity: ClusterCapacity) -> CaptionJo
 
 
 def _job_ships_py_modules() -> bool:
-    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # Ray sets it for a job's driver
+    config = json.loads(os.environ.get(RAY_JOB_ENV, "{}"))
     return bool((config.get("runtime_env") or {}).get("py_modules"))
 
 

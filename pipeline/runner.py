@@ -62,7 +62,7 @@ from pipeline.cluster import cluster_capacity, resolve_compute
 from pipeline.job import CaptionJob
 from pipeline.listing import list_shards
 from pipeline.progress import SUCCESS_FILE, JobProgress, RunLease, new_run_record
-from pipeline.sink import output_table, file_summary
+from pipeline.sink import file_summary, json_text, output_table
 from pipeline.sources import Shard, is_shard_failure, parquet_schema, valid_utf8
 from pipeline.stages import PREPROCESS_CPUS, PreprocessConfig, ShardTask, read_and_preprocess
 from pipeline.storage import Folder
@@ -587,7 +587,7 @@ def _as_text(values: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     try:
         return values.cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return pa.array([None if v is None else json.dumps(v, default=str) for v in values.to_pylist()], pa.string())
+        return json_text(values.to_pylist())
 
 
 def _source_to_shard(file_shards: list[str], sources: list[str], by_uri: dict[str, Shard]) -> list[str]:

@@ -101,8 +101,13 @@ def _array(values: list[Any], known: pa.DataType | None = None) -> pa.Array:
     try:
         array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        array = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+        array = json_text(values)
     return array.cast(pa.string()) if pa.types.is_null(array.type) else array
+
+
+def json_text(values: list[Any]) -> pa.Array:
+    """Values no one Arrow type holds (numbers beside text, lists beside structs) as JSON text."""
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
 
 
 def file_summary(table: pa.Table, shards: list[str]) -> dict[str, Any]:
